@@ -40,7 +40,7 @@ def resolve_model_dir(
         return path.resolve()
     if path.exists():
         raise ValueError(f"{name} is a file, not a model directory")
-    if name.startswith((".", "/", "~")) or os.sep + os.sep in name:
+    if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model directory not found: {name}")
     return _download(name, revision, token)
 

@@ -97,6 +97,20 @@ class CodebookLayer(nn.Module):
             self.capture.append(indices.detach())
         return out.reshape(shape)
 
+    # Hooks on the base model's modules. Bound methods (not closures), so that a deep copy of
+    # the model hooks into its own copies of the codebook layers.
+    def input_hook(self, module: nn.Module, args: tuple):
+        if not self.enabled:
+            return None
+        return (self(args[0]),) + tuple(args[1:])
+
+    def output_hook(self, module: nn.Module, args: tuple, output):
+        if not self.enabled:
+            return None
+        if isinstance(output, tuple):
+            return (self(output[0]),) + tuple(output[1:])
+        return self(output)
+
     def _snap_steered(self, h: Tensor):
         steering = self.steering
         if steering is None:

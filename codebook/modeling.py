@@ -73,18 +73,18 @@ class CodebookModel(nn.Module):
             if width % heads:
                 raise ValueError(f"attention width {width} is not divisible by {heads} heads")
             layer = self._new_layer(heads, width // heads)
-            self._handles.append(proj.register_forward_pre_hook(_pre_hook(layer)))
+            self._handles.append(proj.register_forward_pre_hook(layer.input_hook))
         elif site == "attn_out":
             proj = get_module(block, arch.attn_out_proj)
             layer = self._new_layer(1, out_features(proj))
-            self._handles.append(proj.register_forward_hook(_output_hook(layer)))
+            self._handles.append(proj.register_forward_hook(layer.output_hook))
         elif site == "mlp_out":
             layer = self._new_layer(1, cfg.hidden_size)
             mlp = get_module(block, arch.mlp)
-            self._handles.append(mlp.register_forward_hook(_output_hook(layer)))
+            self._handles.append(mlp.register_forward_hook(layer.output_hook))
         else:  # block_out (CodebookConfig validated the name)
             layer = self._new_layer(1, cfg.hidden_size)
-            self._handles.append(block.register_forward_hook(_output_hook(layer)))
+            self._handles.append(block.register_forward_hook(layer.output_hook))
         return layer
 
     def _track_positions(self, module, args, kwargs):
@@ -274,24 +274,4 @@ def attach_codebooks(base: nn.Module, config: CodebookConfig | None = None, toke
     elif options:
         raise ValueError("pass either a CodebookConfig or its fields as keywords, not both")
     return CodebookModel(base, config, tokenizer=tokenizer)
-
-
-def _pre_hook(layer: CodebookLayer):
-    def hook(module, args):
-        if not layer.enabled:
-            return None
-        return (layer(args[0]),) + tuple(args[1:])
-
-    return hook
-
-
-def _output_hook(layer: CodebookLayer):
-    def hook(module, args, output):
-        if not layer.enabled:
-            return None
-        if isinstance(output, tuple):
-            return (layer(output[0]),) + tuple(output[1:])
-        return layer(output)
-
-    return hook
 

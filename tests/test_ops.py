@@ -1,0 +1,182 @@
+"""The ``codebook::topk_codebook`` op against a naive reference that materialises all scores."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from codebook.ops import topk_codebook
+
+
+def naive_scores(x, codebook, similarity):
+    if similarity == "cosine":
+        x = torch.nn.functional.normalize(x, dim=-1, eps=1e-8)
+        codebook = torch.nn.functional.normalize(codebook, dim=-1, eps=1e-8)
+        return torch.einsum("...gd,gcd->...gc", x, codebook)
+    if similarity == "inner_product":
+        return torch.einsum("...gd,gcd->...gc", x, codebook)
+    return -((x.unsqueeze(-2) - codebook) ** 2).sum(-1)
+
+
+def naive_topk(x, codebook, k, bias=None, scale=None, similarity="cosine", combine="mean"):
+    """Straightforward reference: full score matrix, top-k, gather, combine (differentiable
+    w.r.t. the codebook through the gather)."""
+    scores = naive_scores(x, codebook, similarity)
+    if bias is not None:
+        scores = scores + bias
+    top, idx = scores.topk(k, dim=-1)
+    valid = (top > -math.inf).float()
+    weights = valid / valid.sum(-1, keepdim=True).clamp_min(1) if combine == "mean" else valid
+    groups = torch.arange(codebook.shape[0])[:, None]
+    if scale is not None:
+        weights = weights * scale[groups, idx]
+    vectors = codebook[groups, idx]  # [..., g, k, d]
+    return (weights.unsqueeze(-1) * vectors).sum(-2), idx
+
+
+CASES = list(itertools.product(["cosine", "inner_product", "euclidean"], ["mean", "sum"]))
+
+
+@pytest.mark.parametrize("similarity,combine", CASES)
+@pytest.mark.parametrize("chunk_size", [0, 1, 7])
+def test_matches_naive_reference(similarity, combine, chunk_size):
+    torch.manual_seed(hash((similarity, combine, chunk_size)) % 1000)
+    x = torch.randn(3, 11, 4, 8)
+    codebook = torch.randn(4, 50, 8)
+    bias = torch.randn(4, 50) * 0.1
+    scale = torch.rand(4, 50) + 0.5
+    for b, s in [(None, None), (bias, scale)]:
+        out, idx = topk_codebook(x, codebook, 5, b, s, similarity, combine, 1.0, chunk_size)
+        ref_out, ref_idx = naive_topk(x, codebook, 5, b, s, similarity, combine)
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+
+
+def test_random_shapes_match_reference():
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        ndim = int(torch.randint(0, 3, (1,), generator=gen))
+        lead = [int(n) for n in torch.randint(1, 6, (ndim,), generator=gen)]
+        g, c, d = (int(v) for v in torch.randint(1, 9, (3,), generator=gen))
+        c += 4
+        k = int(torch.randint(1, c + 1, (1,), generator=gen))
+        x = torch.randn(*lead, g, d, generator=gen)
+        codebook = torch.randn(g, c, d, generator=gen)
+        out, idx = topk_codebook(x, codebook, k, chunk_size=2)
+        ref_out, ref_idx = naive_topk(x, codebook, k)
+        assert out.shape == x.shape and idx.shape == (*lead, g, k)
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(out, ref_out)
+
+
+def test_mean_and_sum_differ_by_k():
+    x, codebook = torch.randn(6, 2, 4), torch.randn(2, 10, 4)
+    mean, _ = topk_codebook(x, codebook, 3, combine="mean")
+    total, _ = topk_codebook(x, codebook, 3, combine="sum")
+    torch.testing.assert_close(total, 3 * mean)
+
+
+def test_output_is_exactly_the_selected_codes():
+    x, codebook = torch.randn(5, 3, 6), torch.randn(3, 20, 6)
+    out, idx = topk_codebook(x, codebook, 2, combine="sum")
+    for t in range(5):
+        for g in range(3):
+            expected = codebook[g, idx[t, g, 0]] + codebook[g, idx[t, g, 1]]
+            torch.testing.assert_close(out[t, g], expected)
+
+
+@pytest.mark.parametrize("similarity,combine", CASES)
+def test_opcheck(similarity, combine):
+    x = torch.randn(2, 5, 3, 4, requires_grad=True)
+    codebook = torch.randn(3, 12, 4, requires_grad=True)
+    kwargs = dict(bias=torch.randn(3, 12), scale=torch.rand(3, 12), similarity=similarity,
+                  combine=combine, reconstruction_weight=0.5, chunk_size=3)
+    result = opcheck(torch.ops.codebook.topk_codebook.default, (x, codebook, 3), kwargs)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("combine", ["mean", "sum"])
+@pytest.mark.parametrize("weight", [0.0, 1.0, 3.0])
+def test_gradients(combine, weight):
+    """Straight-through to the input; to the selected codes the output gradient plus the gradient
+    of ``weight * mean((out - stopgrad(x))**2)``."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 7, 3, 5, requires_grad=True)
+    codebook = torch.randn(3, 200, 5, requires_grad=True)
+    scale = torch.rand(3, 200) + 0.5
+    upstream = torch.randn(4, 7, 3, 5)
+    out, _ = topk_codebook(x, codebook, 4, None, scale, "cosine", combine, weight, 5)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, upstream)
+
+    ref_cb = codebook.detach().clone().requires_grad_(True)
+    ref_out, _ = naive_topk(x.detach(), ref_cb, 4, None, scale, "cosine", combine)
+    loss = (ref_out * upstream).sum() + weight * ((ref_out - x.detach()) ** 2).mean()
+    loss.backward()
+    torch.testing.assert_close(codebook.grad, ref_cb.grad)
+    unselected = ref_cb.grad.abs().sum(-1) == 0
+    assert unselected.any(), "some codes are never chosen and must get no gradient"
+
+
+def test_bias_forces_and_blocks_codes():
+    torch.manual_seed(2)
+    x, codebook = torch.randn(20, 2, 4), torch.randn(2, 30, 4)
+    bias = torch.zeros(2, 30)
+    bias[0, 17] = math.inf
+    _, natural = topk_codebook(x, codebook, 3)
+    blocked_code = int(natural[0, 1, 0])
+    bias[1, blocked_code] = -math.inf
+    out, idx = topk_codebook(x, codebook, 3, bias)
+    assert (idx[:, 0, :] == 17).any(-1).all(), "a forced code is chosen at every token"
+    assert not (idx[:, 1, :] == blocked_code).any(), "a blocked code is never chosen"
+
+
+def test_blocking_all_but_one_code_replaces_all_k():
+    x, codebook = torch.randn(6, 1, 4), torch.randn(1, 10, 4)
+    bias = torch.full((1, 10), -math.inf)
+    bias[0, 4] = math.inf
+    out, idx = topk_codebook(x, codebook, 3, bias, combine="mean")
+    assert (idx[..., 0] == 4).all()
+    torch.testing.assert_close(out, codebook[0, 4].expand(6, 1, 4))
+    strong, _ = topk_codebook(x, codebook, 3, bias, torch.full((1, 10), 2.0), combine="sum")
+    torch.testing.assert_close(strong, 2 * codebook[0, 4].expand(6, 1, 4))
+
+
+def test_bf16_inputs_keep_their_dtype():
+    torch.manual_seed(4)
+    x, codebook = torch.randn(8, 2, 16), torch.randn(2, 40, 16, requires_grad=True)
+    out, _ = topk_codebook(x.bfloat16(), codebook, 4)
+    assert out.dtype == torch.bfloat16
+    ref, _ = topk_codebook(x, codebook, 4)
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert codebook.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "x_shape,cb_shape,k,match",
+    [
+        ((4, 2, 8), (2, 10, 8), 11, "k must be between 1 and the number of codes"),
+        ((4, 2, 8), (2, 10, 8), 0, "k must be between 1 and the number of codes"),
+        ((4, 2, 6), (2, 10, 8), 2, r"activations must have shape \[\.\.\., 2, 8\]"),
+        ((4, 3, 8), (2, 10, 8), 2, r"activations must have shape \[\.\.\., 2, 8\]"),
+        ((4, 2, 8), (10, 8), 2, "codebook must have shape"),
+    ],
+)
+def test_clear_errors(x_shape, cb_shape, k, match):
+    with pytest.raises(ValueError, match=match):
+        topk_codebook(torch.randn(*x_shape), torch.randn(*cb_shape), k)
+
+
+def test_clear_errors_for_options():
+    x, codebook = torch.randn(4, 2, 8), torch.randn(2, 10, 8)
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        topk_codebook(x, codebook, 2, similarity="dot")
+    with pytest.raises(ValueError, match="combine must be one of"):
+        topk_codebook(x, codebook, 2, combine="max")
+    with pytest.raises(ValueError, match=r"bias must have shape \[2, 10\]"):
+        topk_codebook(x, codebook, 2, torch.zeros(10))
