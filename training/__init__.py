@@ -1,0 +1,1 @@
+"""Training and model-import code for codebook-feature language models."""
