@@ -176,7 +176,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, codebook, out, indices, bias, scale)
     ctx.combine = combine
     ctx.reconstruction_weight = reconstruction_weight
-    ctx.chunk_size = chunk_size
 
 
 def _backward(ctx, grad_out, _grad_indices):
@@ -186,7 +185,7 @@ def _backward(ctx, grad_out, _grad_indices):
     if ctx.needs_input_grad[1]:
         grad_codebook = codebook_grad(
             x, codebook, out, indices, grad_out, bias, scale,
-            ctx.combine, ctx.reconstruction_weight, ctx.chunk_size,
+            ctx.combine, ctx.reconstruction_weight,
         )
     return grad_x, grad_codebook, None, None, None, None, None, None, None
 
@@ -201,34 +200,32 @@ def codebook_grad(
     scale: Tensor | None,
     combine: str,
     reconstruction_weight: float,
-    chunk_size: int = 0,
 ) -> Tensor:
     """Gradient w.r.t. the codebook: each selected code receives, weighted as in the combination,
     the output gradient plus the gradient of ``reconstruction_weight * mean((out - sg(x))**2)``."""
     groups, num_codes, dim = codebook.shape
     k = indices.shape[-1]
-    flat_x = x.reshape(-1, groups, dim)
-    flat_out = out.reshape(-1, groups, dim)
-    flat_grad = grad_out.reshape(-1, groups, dim)
     flat_idx = indices.reshape(-1, groups, k)
-    num_tokens = flat_x.shape[0]
+    grad = grad_out.reshape(-1, groups, dim).float()
+    if reconstruction_weight:
+        # d/d(out) of weight * mean((out - x)**2); divided as a tensor so that tracing with
+        # symbolic shapes does not turn the element count into a Python float.
+        diff = out.reshape(-1, groups, dim).float() - x.reshape(-1, groups, dim).float()
+        grad = grad + diff * (2.0 * reconstruction_weight) / x.numel()
+    uniform = bias is None and scale is None  # every selected code has the same weight
+    if uniform and combine == "mean":
+        grad = grad / k
+    weights = None if uniform else _code_weights(
+        flat_idx, _selected_is_valid(flat_idx, bias), scale, combine
+    )
     grad_cb = torch.zeros(groups * num_codes, dim, dtype=torch.float32, device=codebook.device)
-    group_offset = (torch.arange(groups, device=codebook.device) * num_codes)[None, :, None]
-    # Bounded memory: the scattered source is [chunk, g, k, d].
-    step = _chunk_tokens(num_tokens, groups, max(k * dim, 1), chunk_size)
-    for start in range(0, num_tokens, step):
-        sl = slice(start, start + step)
-        idx = flat_idx[sl]
-        valid = _selected_is_valid(idx, bias)
-        weights = _code_weights(idx, valid, scale, combine)  # [n, g, k]
-        grad = flat_grad[sl].float()
-        if reconstruction_weight:
-            # d/d(out) of weight * mean((out - x)**2); divided as a tensor so that tracing with
-            # symbolic shapes does not turn the element count into a Python float.
-            diff = flat_out[sl].float() - flat_x[sl].float()
-            grad = grad + diff * (2.0 * reconstruction_weight) / flat_x.numel()
-        source = weights.unsqueeze(-1) * grad.unsqueeze(-2)  # [n, g, k, d]
-        grad_cb = grad_cb.index_add(0, (idx + group_offset).reshape(-1), source.reshape(-1, dim))
+    offsets = torch.arange(groups, device=codebook.device)[None, :] * num_codes
+    # One scatter per slot of the top-k keeps the scattered source at the input's size instead
+    # of materialising a [tokens, g, k, d] tensor.
+    for slot in range(k):
+        source = grad if weights is None else grad * weights[..., slot, None]
+        rows = (flat_idx[..., slot] + offsets).reshape(-1)
+        grad_cb.index_add_(0, rows, source.reshape(-1, dim))
     return grad_cb.reshape(groups, num_codes, dim).to(codebook.dtype)
 
 
