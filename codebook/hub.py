@@ -9,7 +9,8 @@ DEFAULT_MODEL_NAME = "default"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 # Only what a codebook model needs: configs, safetensors weights, tokenizer files, the card, the
-# analysis files beside it. Pickled weights and code are never downloaded.
+# analysis files beside it. Pickled weights and code are never downloaded by default (an original
+# codebook-features checkpoint may fetch pytorch_model.bin, read with weights_only=True only).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.md", "*.npz", "*.png"]
 
 
@@ -22,9 +23,13 @@ def split_revision(name: str) -> tuple[str, str | None]:
 
 
 def resolve_model_dir(
-    name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    allow_patterns: list[str] | None = None,
 ) -> Path:
-    """The local directory holding the model, downloading it from the Hub if needed."""
+    """The local directory holding the model, downloading it from the Hub if needed (only the
+    files matching ``allow_patterns``, default :data:`HUB_PATTERNS`)."""
     name = str(name_or_path).strip()
     if not name:
         raise ValueError("no model given: pass 'default', a local directory or a Hub repo id")
@@ -42,10 +47,10 @@ def resolve_model_dir(
         raise ValueError(f"{name} is a file, not a model directory")
     if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model directory not found: {name}")
-    return _download(name, revision, token)
+    return _download(name, revision, token, allow_patterns or HUB_PATTERNS)
 
 
-def _download(name: str, revision: str | None, token) -> Path:
+def _download(name: str, revision: str | None, token, allow_patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HFValidationError,
@@ -65,7 +70,7 @@ def _download(name: str, revision: str | None, token) -> Path:
         ) from None
     try:
         path = snapshot_download(
-            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, token=token
+            repo_id, revision=revision, allow_patterns=allow_patterns, token=token
         )
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"Hub repo {repo_id!r} not found (or private)") from None

@@ -216,13 +216,26 @@ class CodebookModel(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         token: str | bool | None = None,
+        base: str | os.PathLike | None = None,
     ) -> CodebookModel:
         """Load ``"default"`` (the embedded model), a local directory, or a Hub repo id
         (``owner/name``, optionally ``owner/name@revision``; offline mode and the cache are
-        honoured). Weights are only ever read from safetensors files."""
+        honoured). Weights are only ever read from safetensors files.
+
+        A checkpoint of the original ``codebook-features`` library is loaded on its base model
+        ``base`` (see :mod:`codebook.original`; it may read ``pytorch_model.bin``, with
+        ``weights_only=True`` only)."""
         from transformers import AutoModelForCausalLM
 
+        from codebook import original  # here, not at the top: codebook.original imports us
+
         directory = hub.resolve_model_dir(name_or_path, revision=revision, token=token)
+        if original.is_original_checkpoint(directory):
+            return original.load_original(name_or_path, base, revision=revision, dtype=dtype,
+                                          device=device, token=token)
+        if base is not None:
+            raise ValueError(f"base= is only for checkpoints of the original codebook-features "
+                             f"library; {name_or_path} is in this project's format")
         config = CodebookConfig.load(directory)
         try:
             base = AutoModelForCausalLM.from_pretrained(
