@@ -1,0 +1,165 @@
+"""Command line: ``python -m training finetune | evaluate | steerability ...``.
+
+Multi-process (DDP) finetuning runs under torchrun, e.g.
+``torchrun --nproc_per_node 4 -m training finetune --base gpt2 --data stories.txt --output out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import typing
+from pathlib import Path
+
+from training.config import CONFIG_NAME, FinetuneConfig
+from training.presets import PRESETS, preset
+from training.steerability import TOPICS
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per FinetuneConfig field; unset options stay absent from the namespace, so
+    that presets and saved recipes can supply them."""
+    hints = typing.get_type_hints(FinetuneConfig)
+    for field in dataclasses.fields(FinetuneConfig):
+        hint = hints[field.name]
+        args = typing.get_args(hint)
+        flag = "--" + field.name.replace("_", "-")
+        kwargs = {"default": argparse.SUPPRESS, "help": field.metadata.get("help", "")}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is list or any(typing.get_origin(a) is list for a in args):
+            item = typing.get_args(next(a for a in (hint, *args) if typing.get_origin(a) is list))
+            kwargs |= {"nargs": "+", "type": item[0], "metavar": field.name.upper()}
+        else:
+            kwargs["type"] = next((a for a in args if a is not type(None)), hint)
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    finetune = commands.add_parser(
+        "finetune", help="finetune a base model with codebooks",
+        description="Finetune a base model with codebooks. Options not given come from "
+                    "--preset, or with --resume from the run's saved recipe, or defaults.")
+    finetune.add_argument("--preset", choices=sorted(PRESETS),
+                          help="a named recipe (default: the embedded default model)")
+    _add_config_options(finetune)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a model on a text file",
+        description="Loss, bits per byte and accuracy (with and without codebooks) and, per "
+                    "codebook site, MSE, FVU, dead codes and usage entropy.")
+    evaluate.add_argument("--model", required=True,
+                          help="'default', a model directory, a Hub repo id or llama2c:PATH.bin")
+    evaluate.add_argument("--data", required=True, nargs="+", help="text file(s) to evaluate on")
+    evaluate.add_argument("--data-format", default="auto",
+                          help="auto, endoftext, blank-lines or lines")
+    evaluate.add_argument("--block-size", type=int, default=256, help="tokens per block")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--threads", type=int, help="CPU threads")
+    evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
+    steer = commands.add_parser(
+        "steerability", help="measure how well topics steer a codebook model",
+        description="For each topic word, force the codes most precise for it and count the "
+                    "sampled stories that mention it (see training/steerability.py).")
+    steer.add_argument("--model", required=True, help="'default', a directory or a Hub id")
+    steer.add_argument("--data", required=True, nargs="+",
+                       help="text to find the topic codes in (e.g. the training text)")
+    steer.add_argument("--documents", type=int, default=1000,
+                       help="documents of --data to read")
+    steer.add_argument("--topics", nargs="+", default=list(TOPICS))
+    steer.add_argument("--codes", type=int, default=8, help="codes forced per topic")
+    steer.add_argument("--scope", default="context", choices=["context", "word"],
+                       help="a code is on topic after the word's first mention, or on the word")
+    steer.add_argument("--mode", default="add", choices=["add", "replace"])
+    steer.add_argument("--strength", type=float, default=1.0, help="scale of the forced codes")
+    steer.add_argument("--samples", type=int, default=32, help="stories sampled per topic")
+    steer.add_argument("--new-tokens", type=int, default=96)
+    steer.add_argument("--seed", type=int, default=0)
+    steer.add_argument("--threads", type=int, help="CPU threads")
+    steer.add_argument("--json", action="store_true", help="print the figures as JSON")
+    return parser
+
+
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    """Defaults < preset < saved recipe (with --resume) < command-line options."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "preset")}
+    options = preset(args.preset) if args.preset else {}
+    if given.get("resume"):
+        output = given.get("output", options.get("output"))
+        saved = Path(output) / CONFIG_NAME if output else None
+        if saved is None or not saved.is_file():
+            raise FileNotFoundError(f"--resume: no {CONFIG_NAME} in --output {output!r}")
+        options |= json.loads(saved.read_text())
+    options |= given
+    missing = [f"--{name}" for name in ("base", "data", "output") if name not in options]
+    if missing:
+        raise ValueError(f"finetune needs {', '.join(missing)} (or a --preset)")
+    return FinetuneConfig(**options)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from training.data import read_documents
+    from training.evaluate import evaluate, format_report
+    from training.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    documents = read_documents(args.data, args.data_format)  # fails early on a missing file
+    model, tokenizer = load_model(args.model)
+    result = evaluate(model, tokenizer, documents, args.block_size, args.batch_size,
+                      progress=not args.json)
+    result["model"] = args.model
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+
+
+def run_steerability(args: argparse.Namespace) -> None:
+    import torch
+
+    from codebook import CodebookModel
+    from training.data import read_documents
+    from training.models import load_model
+    from training.steerability import format_steerability, steerability
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    documents = read_documents(args.data)[: args.documents]
+    model, tokenizer = load_model(args.model)
+    if not isinstance(model, CodebookModel):
+        raise ValueError(f"{args.model} has no codebooks to steer with")
+    result = steerability(model, tokenizer, documents, tuple(args.topics), args.codes,
+                          args.samples, args.new_tokens, args.seed, args.mode, args.strength,
+                          args.scope)
+    result["model"] = args.model
+    print(json.dumps(result, indent=2) if args.json else format_steerability(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "finetune":
+            from training.trainer import finetune
+
+            config = finetune_config(args)
+            finetune(config, command=shlex.join(["python", "-m", "training", *argv]))
+        elif args.command == "evaluate":
+            run_evaluate(args)
+        else:
+            run_steerability(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Training text: read documents, hold out validation documents, tokenise, pack into blocks.
+
+A *document* is one story (or paragraph, or line, depending on the file's format). Documents are
+the unit of the train/validation split, so no validation text is ever seen in training, not even
+the other half of a story. Tokenised documents are joined into one stream, each preceded by the
+tokenizer's BOS token (llama2.c's convention; GPT-2-style tokenizers whose only special token is
+``<|endoftext|>`` get that, which makes it the separator GPT-2 was trained with). The stream is
+cut into blocks of ``block_size + 1`` tokens that overlap by one token, so that every token after
+the first is predicted exactly once: the basis of an exact bits-per-byte figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+ENDOFTEXT = "<|endoftext|>"
+FORMATS = ("auto", "endoftext", "blank-lines", "lines")
+HUB_PREFIX = "hf:"
+
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+@dataclasses.dataclass
+class TokenStream:
+    """Documents tokenised into one stream (``tokens``), with what bits per byte needs."""
+
+    tokens: torch.Tensor  # int64 [n]
+    num_documents: int
+    num_bytes: int  # UTF-8 bytes of the documents' text (separators not counted)
+
+
+def split_text(text: str, fmt: str = "auto") -> list[str]:
+    """Split a file's text into documents.
+
+    ``endoftext``: separated by ``<|endoftext|>`` (TinyStories' own files); ``blank-lines``:
+    separated by empty lines; ``lines``: one document per line. ``auto`` picks the first of these
+    that the text uses. Documents are stripped and empty ones dropped.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; choose from {FORMATS}")
+    if fmt == "auto":
+        if ENDOFTEXT in text:
+            fmt = "endoftext"
+        elif _BLANK_LINE.search(text.strip()):
+            fmt = "blank-lines"
+        else:
+            fmt = "lines"
+    if fmt == "endoftext":
+        parts = text.split(ENDOFTEXT)
+    elif fmt == "blank-lines":
+        parts = _BLANK_LINE.split(text)
+    else:
+        parts = text.splitlines()
+    return [part.strip() for part in parts if part.strip()]
+
+
+def check_sources(sources: list[str]) -> None:
+    """Fail early, naming the problem, if a data source cannot be read."""
+    if not sources:
+        raise ValueError("no training data given: pass --data FILE (or hf:DATASET)")
+    for source in sources:
+        if source.startswith(HUB_PREFIX):
+            if not source[len(HUB_PREFIX):].strip():
+                raise ValueError(f"{source!r} names no dataset: write hf:OWNER/NAME[:SPLIT]")
+            continue
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"data file not found: {source} (for a Hub dataset write hf:OWNER/NAME)"
+            )
+        if path.is_dir() and not sorted(path.glob("*.txt")):
+            raise ValueError(f"data directory {source} holds no .txt files")
+
+
+def read_documents(sources: list[str], fmt: str = "auto", text_column: str = "text") -> list[str]:
+    """Documents from text files, folders of ``.txt`` files and ``hf:NAME[:SPLIT]`` datasets, with
+    exact duplicates (after whitespace normalisation) removed, first occurrence kept."""
+    check_sources(sources)
+    documents: list[str] = []
+    for source in sources:
+        if source.startswith(HUB_PREFIX):
+            documents += _hub_documents(source[len(HUB_PREFIX):], text_column)
+            continue
+        path = Path(source).expanduser()
+        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+        for file in files:
+            try:
+                text = file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"data file {file} is not UTF-8 text: {err}") from None
+            documents += split_text(text, fmt)
+    seen: set[str] = set()
+    deduplicated = []
+    for doc in documents:
+        key = " ".join(doc.split())
+        if key not in seen:
+            seen.add(key)
+            deduplicated.append(doc)
+    if not deduplicated:
+        raise ValueError(f"the training data {sources} holds no text")
+    return deduplicated
+
+
+def _hub_documents(spec: str, text_column: str) -> list[str]:
+    """One split of a Hugging Face dataset (``NAME`` or ``NAME:SPLIT``, default ``train``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"reading the Hub dataset {spec!r} needs the optional 'datasets' package: "
+            "pip install datasets"
+        ) from None
+    name, _, split = spec.partition(":")
+    try:
+        table = datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # datasets raises many types (network, missing split, ...)
+        raise ValueError(f"cannot load Hub dataset {name!r}: {err}") from None
+    if text_column not in table.column_names:
+        raise ValueError(f"Hub dataset {name!r} has no column {text_column!r}; "
+                         f"its columns are {table.column_names} (choose one with --text-column)")
+    return [text.strip() for text in table[text_column] if text and text.strip()]
+
+
+def split_validation(
+    documents: list[str], fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Hold out ``fraction`` of the documents (at least one), chosen by a seeded hash of each
+    document's text: the split does not depend on file order and is stable across runs."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be between 0 and 1, got {fraction}")
+    if len(documents) < 2:
+        raise ValueError(
+            f"the data holds {len(documents)} document(s): at least 2 are needed to hold one out "
+            "for validation (or pass separate validation data)"
+        )
+
+    salt = seed.to_bytes(8, "little", signed=True)
+
+    def rank(doc: str) -> bytes:
+        return hashlib.blake2b(doc.encode(), digest_size=8, salt=salt).digest()
+
+    num_val = min(len(documents) - 1, max(1, round(fraction * len(documents))))
+    held_out = set(sorted(range(len(documents)), key=lambda i: rank(documents[i]))[:num_val])
+    train = [d for i, d in enumerate(documents) if i not in held_out]
+    val = [d for i, d in enumerate(documents) if i in held_out]
+    return train, val
+
+
+def document_separator(tokenizer) -> int:
+    """The token placed before every document: BOS, or EOS for tokenizers without a BOS."""
+    token_id = tokenizer.bos_token_id
+    if token_id is None:
+        token_id = tokenizer.eos_token_id
+    if token_id is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to separate documents")
+    return token_id
+
+
+def tokenize(documents: list[str], tokenizer) -> TokenStream:
+    """Tokenise ``documents`` (no special tokens added by the tokenizer) into one stream."""
+    separator = document_separator(tokenizer)
+    encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
+    stream = []
+    for ids in encoded:
+        stream.append(separator)
+        stream.extend(ids)
+    return TokenStream(
+        tokens=torch.tensor(stream, dtype=torch.long),
+        num_documents=len(documents),
+        num_bytes=sum(len(doc.encode("utf-8")) for doc in documents),
+    )
+
+
+def pack_blocks(tokens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Full blocks ``[n, block_size + 1]`` of the stream, consecutive blocks sharing one token
+    (a block's inputs are ``[:-1]``, its targets ``[1:]``); a shorter tail is left out."""
+    if block_size < 1:
+        raise ValueError(f"block size must be positive, got {block_size}")
+    if tokens.numel() < block_size + 1:
+        return tokens.new_empty(0, block_size + 1)
+    return tokens.unfold(0, block_size + 1, block_size)
+
+
+def eval_blocks(tokens: torch.Tensor, block_size: int) -> list[torch.Tensor]:
+    """All of the stream as blocks: the full ones, then the shorter tail (if it predicts
+    anything), so that every token after the first is a target exactly once."""
+    blocks = list(pack_blocks(tokens, block_size))
+    covered = len(blocks) * block_size  # tokens predicted by the full blocks
+    if tokens.numel() - 1 > covered:
+        blocks.append(tokens[covered:])
+    return blocks
+
+
+def sample_indices(
+    step: int, micro_step: int, rank: int, world_size: int, micro_batch: int,
+    grad_accum: int, num_blocks: int, seed: int,
+) -> torch.Tensor:
+    """Which blocks one process reads at one micro-step: a pure function of the step, so that
+    a resumed run reads exactly what an uninterrupted one would.
+
+    The global sample sequence walks through a fresh seeded permutation of the blocks each
+    epoch; step ``t`` consumes samples ``[t * G, (t + 1) * G)`` with ``G = world * micro *
+    accum``, split by micro-step, then by rank. One process with ``accum = 2`` therefore reads
+    what two processes with ``accum = 1`` read together.
+    """
+    global_batch = world_size * micro_batch * grad_accum
+    first = step * global_batch + (micro_step * world_size + rank) * micro_batch
+    positions = torch.arange(first, first + micro_batch)
+    epochs = positions // num_blocks
+    out = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed + epoch))
+        mask = epochs == epoch
+        out[mask] = order[positions[mask] % num_blocks]
+    return out

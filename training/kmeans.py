@@ -1,0 +1,140 @@
+"""k-means initialisation of every codebook from the base model's own activations.
+
+Each group (attention head) of each site gets its own k-means over that head's activations,
+batched over groups: the original library ran k-means over the concatenated heads, which cannot
+initialise per-head codebooks. Activations are recorded while every codebook acts as the identity,
+so the whole forward pass is exactly the base model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from codebook import CodebookModel
+from codebook.ops import prepare_codebook, similarity_scores
+
+# Tokens scored against all centroids at once (bounds memory to ~chunk * groups * codes floats).
+_ASSIGN_CHUNK = 2048
+
+
+@torch.no_grad()
+def record_site_inputs(
+    model: CodebookModel, batches: Iterable[Tensor], max_tokens: int
+) -> dict[tuple[int, str], Tensor]:
+    """Inputs ``[groups, tokens, dim]`` of every codebook layer (after its optional LayerNorm) on
+    up to ``max_tokens`` tokens, with each codebook replaced by the identity."""
+    layers = model.codebook_layers()
+    recorded: dict = {key: [] for key in layers}
+
+    def make_hook(key, layer):
+        def hook(module, args, output):
+            x = args[0]
+            h = layer.normalize(x.reshape(-1, layer.groups, layer.dim))
+            recorded[key].append(h.transpose(0, 1).float())
+            return x  # identity: downstream sites see the base model's activations
+
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(key, layer)) for key, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        seen = 0
+        for input_ids in batches:
+            model(input_ids=input_ids.to(model.device))
+            seen += input_ids.numel()
+            if seen >= max_tokens:
+                break
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {key: torch.cat(parts, dim=1)[:, :max_tokens] for key, parts in recorded.items()}
+
+
+@torch.no_grad()
+def kmeans(
+    x: Tensor, num_codes: int, iters: int, similarity: str, generator: torch.Generator
+) -> Tensor:
+    """Centroids ``[groups, num_codes, dim]`` of ``x`` ``[groups, n, dim]``, one k-means per group.
+
+    Seeded by k-means++; points are assigned with the codebook's own similarity (cosine: by
+    direction); a centroid is the mean of its points, so it keeps their typical norm. Empty
+    clusters restart at a random point. With fewer points than codes, points are reused with a
+    little noise.
+    """
+    groups, n, dim = x.shape
+    if n < num_codes:
+        start = torch.randint(n, (groups, num_codes), generator=generator)
+        centroids = torch.gather(x, 1, start[..., None].expand(-1, -1, dim)).clone()
+        centroids += 1e-3 * x.std() * torch.randn(centroids.shape, generator=generator)
+    else:
+        centroids = _kmeans_plus_plus(x, num_codes, similarity, generator)
+    offsets = torch.arange(groups)[:, None] * num_codes
+    points = x.reshape(groups * n, dim)
+    for _ in range(iters):
+        assignment = _assign(x, centroids, similarity)  # [groups, n]
+        flat = (assignment + offsets).reshape(-1)
+        sums = torch.zeros(groups * num_codes, dim).index_add_(0, flat, points)
+        counts = torch.bincount(flat, minlength=groups * num_codes).reshape(groups, num_codes)
+        new = sums.reshape(groups, num_codes, dim) / counts.clamp_min(1)[..., None]
+        empty = counts == 0
+        if empty.any():
+            restart = torch.randint(n, (int(empty.sum()),), generator=generator)
+            new[empty] = x[empty.nonzero()[:, 0], restart]
+        centroids = new
+    return centroids
+
+
+def _kmeans_plus_plus(x: Tensor, num_codes: int, similarity: str,
+                      generator: torch.Generator) -> Tensor:
+    """k-means++ seeding per group: each next centroid is a point drawn with probability
+    proportional to its squared distance (cosine: ``1 - cos``) to the nearest centroid so far,
+    which keeps plain random seeding from stacking centroids in one cluster."""
+    groups, n, dim = x.shape
+    rows = torch.arange(groups)
+    points = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8) if similarity == "cosine" else x
+    chosen = torch.empty(groups, num_codes, dtype=torch.long)
+    chosen[:, 0] = torch.randint(n, (groups,), generator=generator)
+    nearest = torch.full((groups, n), float("inf"))
+    for i in range(1, num_codes):
+        last = points[rows, chosen[:, i - 1]]  # [groups, dim]
+        if similarity == "cosine":
+            distance = (1 - torch.einsum("gnd,gd->gn", points, last)).clamp_min(0)
+        else:
+            distance = (points - last[:, None]).pow(2).sum(-1)
+        nearest = torch.minimum(nearest, distance)
+        weights = nearest.clamp_min(0) + 1e-12  # all points equal: still a valid distribution
+        chosen[:, i] = torch.multinomial(weights, 1, generator=generator)[:, 0]
+    return x[rows[:, None], chosen].clone()
+
+
+def _assign(x: Tensor, centroids: Tensor, similarity: str) -> Tensor:
+    scoring, sq_norm = prepare_codebook(centroids, similarity)
+    parts = []
+    for start in range(0, x.shape[1], _ASSIGN_CHUNK):
+        chunk = x[:, start : start + _ASSIGN_CHUNK].transpose(0, 1)  # [n, g, d]
+        parts.append(similarity_scores(chunk, scoring, sq_norm, similarity).argmax(-1).T)
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def kmeans_init(
+    model: CodebookModel, batches: Iterable[Tensor], max_tokens: int, iters: int, seed: int
+) -> None:
+    """Set every codebook to k-means centroids of its site's activations on ``batches``.
+
+    With ``combine="sum"`` the output adds ``k`` codes, so centroids are divided by ``k`` to make
+    the initial output about the size of the input (harmless for cosine and inner-product
+    selection, which a common scale does not change; Euclidean selection keeps full centroids).
+    """
+    inputs = record_site_inputs(model, batches, max_tokens)
+    generator = torch.Generator().manual_seed(seed)
+    for key, layer in model.codebook_layers().items():
+        centroids = kmeans(inputs[key], layer.num_codes, iters, layer.similarity, generator)
+        if layer.combine == "sum" and layer.similarity != "euclidean":
+            centroids /= layer.k
+        layer.codebook.copy_(centroids.to(layer.codebook.dtype))
