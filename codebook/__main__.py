@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from codebook.analysis_cli import add_analysis_parsers
 
 
 def add_convert_original_parser(subparsers) -> None:
@@ -41,7 +42,7 @@ def _convert_original(args: argparse.Namespace) -> None:
 
 
 # Every subcommand's registration function, in the order --help lists them.
-SUBCOMMANDS = [add_convert_original_parser]
+SUBCOMMANDS = [add_convert_original_parser, add_analysis_parsers]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,159 @@
+"""What the Codes tab and the Steer tab's topic search read: a model's code activation index
+(``code_index.safetensors`` beside it, made by ``python -m codebook index``), queried with
+:mod:`codebook.search`, :mod:`codebook.contexts` and :mod:`codebook.promote`.
+
+A model without an index still steers; the searches then raise :class:`NoIndexError`, whose
+message tells the visitor what is missing and how the model's author can add it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+from app.inputs import InputError
+from app.models import LoadedModel
+from codebook.index import INDEX_NAME, CodeIndex, Layout
+from codebook.steering import CodeRef
+
+# Example contexts shown per code in search tables (each code costs a scan of its hits).
+EXAMPLES_PER_CODE = 2
+WINDOW = 6
+
+
+class NoIndexError(InputError):
+    """The model has no code index, so there is nothing to search."""
+
+
+class _Analysis:
+    """The index of one model and what is derived from it, loaded on first use."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.lock = threading.Lock()
+        self.index: CodeIndex | None = None
+        self.texts: list[str] | None = None  # each indexed document's text
+
+
+_analyses: weakref.WeakKeyDictionary[LoadedModel, _Analysis] = weakref.WeakKeyDictionary()
+_analyses_lock = threading.Lock()
+
+
+def _analysis(loaded: LoadedModel) -> _Analysis:
+    with _analyses_lock:
+        if loaded not in _analyses:
+            _analyses[loaded] = _Analysis(loaded)
+        return _analyses[loaded]
+
+
+def has_index(loaded: LoadedModel) -> bool:
+    return (loaded.directory / INDEX_NAME).is_file()
+
+
+def index(loaded: LoadedModel) -> CodeIndex:
+    """The model's index, loaded once and checked against its codebooks."""
+    state = _analysis(loaded)
+    with state.lock:
+        if state.index is None:
+            if not has_index(loaded):
+                raise NoIndexError(
+                    f"the model {loaded.name!r} has no code index, so codes cannot be searched "
+                    "or browsed (steering still works). Its author can add one with: python -m "
+                    "codebook index --model MODEL --data TEXT_FILES")
+            try:
+                loaded_index = CodeIndex.load(loaded.directory / INDEX_NAME)
+                loaded_index.layout.check_model(loaded.model)
+            except ValueError as err:
+                raise NoIndexError(f"the code index of {loaded.name!r} cannot be used: {err}"
+                                   ) from None
+            state.index = loaded_index
+        return state.index
+
+
+def document_texts(loaded: LoadedModel) -> list[str]:
+    """The text of every indexed document, computed once."""
+    from codebook.text import spans
+
+    idx = index(loaded)
+    state = _analysis(loaded)
+    with state.lock:
+        if state.texts is None:
+            state.texts = [spans(idx.document(d), loaded.surfaces())[0]
+                           for d in range(idx.num_documents)]
+        return state.texts
+
+
+def index_summary(loaded: LoadedModel) -> str:
+    idx = index(loaded)
+    return f"{idx.num_documents:,} documents, {idx.num_tokens:,} tokens"
+
+
+def _row(loaded: LoadedModel, score) -> dict:
+    """A search result with the code's top activating contexts, the hit in brackets."""
+    from codebook.contexts import code_summary
+
+    contexts = code_summary(index(loaded), score.ref, loaded.surfaces(), EXAMPLES_PER_CODE,
+                            WINDOW)["contexts"]
+    shown = [f"{c['before']}[{c['token']}]{c['after']}".replace("\n", " ").strip()
+             for c in contexts]
+    return {**score.to_dict(), "example": " · ".join(shown)}
+
+
+def topic_search(loaded: LoadedModel, pattern: str, top: int = 12) -> tuple[list[dict], str]:
+    """Codes that fire just before the topic's words far more often than elsewhere (the
+    ``lead-in`` statistic of :mod:`codebook.search`: the codes that make the model write about
+    it), each with an example context; and a one-line summary of what was searched."""
+    from codebook.search import topic_search as search
+    from codebook.text import compile_regex
+
+    texts = document_texts(loaded)
+    regex = compile_regex(pattern)
+    if not any(regex.search(text) for text in texts):
+        raise InputError(f"none of the {len(texts):,} indexed stories matches /{pattern}/: try "
+                         "another word")
+    idx = index(loaded)
+    try:
+        found = search(idx.documents(), idx.layout, loaded.surfaces(), {"topic": pattern},
+                       top=top)["topic"]
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    summary = (f"{found.topic_documents} of {found.documents} indexed stories match /{pattern}/. "
+               "Codes ranked by how much more often they fire just before the topic's words "
+               "than elsewhere")
+    return [_row(loaded, s) for s in found.codes], summary
+
+
+def code_search(loaded: LoadedModel, pattern: str, top: int = 25) -> tuple[list[dict], str]:
+    """Codes ranked by F1 of precision and recall on the tokens ``pattern`` marks."""
+    from codebook.search import code_search as search
+    from codebook.search import regex_targets
+
+    idx = index(loaded)
+    try:
+        targets = regex_targets(idx, loaded.surfaces(), pattern)
+        scores = search(idx, targets, top=top)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    summary = f"/{pattern}/ marks {int(targets.sum()):,} of {idx.num_tokens:,} indexed tokens"
+    return [_row(loaded, s) for s in scores], summary
+
+
+def code_details(loaded: LoadedModel, ref: CodeRef, contexts: int = 12,
+                 promoted: int = 12) -> dict:
+    """What ``ref`` promotes (needs only the model) and, when the model has an index, how often
+    it fires and its top activating contexts (``count`` and ``contexts`` are ``None`` without)."""
+    from codebook.contexts import code_summary
+    from codebook.promote import promoted_tokens
+
+    try:
+        Layout.of_model(loaded.model).flat(ref)  # raises naming the problem
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    try:
+        promotes = promoted_tokens(loaded.model, ref, promoted, loaded.surfaces())
+    except ValueError:
+        promotes = []  # a model family whose final norm promote.py does not know
+    details = {"code": str(ref), "count": None, "contexts": None, "promoted_tokens": promotes}
+    if has_index(loaded):
+        details.update(code_summary(index(loaded), ref, loaded.surfaces(), contexts, 10))
+    return details

@@ -1,0 +1,86 @@
+"""Unsteered and steered continuations of one prompt, stepped side by side.
+
+Both continuations are sampled token by token in one loop, each with its own KV cache and its own
+random generator seeded with the same seed, so the only difference between them is the steering
+(and the unsteered one is what the model writes alone with that seed). Sampling is the paper's
+protocol, as in :func:`codebook.steer_eval.sample`: pure sampling at ``temperature`` (no top-k or
+top-p), or greedy at temperature 0; a continuation ends at the first end-of-story token.
+
+Every forward pass holds the model's lock, because steering is state on the model's codebook
+layers: concurrent requests take turns token by token instead of waiting for whole generations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from transformers import DynamicCache
+
+from app.models import LoadedModel
+from codebook.steering import Steering
+from codebook.text import stop_ids
+
+
+@dataclasses.dataclass
+class _Side:
+    steering: Steering | None
+    generator: torch.Generator
+    cache: DynamicCache
+    next_input: torch.Tensor
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    done: bool = False
+
+
+def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    logits = logits.float()
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    # Sampled on the CPU so that a seed gives the same text on every device.
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.no_grad()
+def side_by_side(
+    loaded: LoadedModel, prompt_ids: list[int], steering: Steering | None, seed: int,
+    temperature: float, max_new_tokens: int,
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Yield ``(unsteered tokens, steered tokens)`` after every step (the prompt excluded; an
+    end-of-story token ends a side and is not included)."""
+    model = loaded.model
+    stops = set(stop_ids(loaded.tokenizer))
+    prompt = torch.tensor([prompt_ids], device=model.device)
+    # Without steering both columns would be the same text: compute it once.
+    sides = [
+        _Side(s, torch.Generator().manual_seed(seed), DynamicCache(), prompt)
+        for s in ((None, steering) if steering is not None else (None,))
+    ]
+    for _ in range(max_new_tokens):
+        for side in sides:
+            if side.done:
+                continue
+            with loaded.lock, model.steer(side.steering, prompt_length=len(prompt_ids)):
+                logits = model(input_ids=side.next_input, cache=side.cache,
+                               use_cache=True).logits[0, -1]
+            token = _next_token(logits, temperature, side.generator)
+            if token in stops:
+                side.done = True
+                continue
+            side.tokens.append(token)
+            side.next_input = torch.tensor([[token]], device=model.device)
+        yield sides[0].tokens, sides[-1].tokens
+        if all(side.done for side in sides):
+            return
+
+
+def continuation_text(loaded: LoadedModel, prompt_ids: list[int], tokens: list[int]) -> str:
+    """The text ``tokens`` add after the prompt (decoded in context, so the leading space that a
+    decoder strips at the start of a text is kept)."""
+    tokenizer = loaded.tokenizer
+    prefix = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    full = tokenizer.decode(prompt_ids + tokens, skip_special_tokens=True)
+    if full.startswith(prefix):
+        return full[len(prefix):]
+    return tokenizer.decode(tokens, skip_special_tokens=True)

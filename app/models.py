@@ -1,0 +1,214 @@
+"""Which models a visitor may load, and the models loaded so far.
+
+The model box accepts, from anyone who can reach the app:
+
+* ``default``: the embedded model;
+* a Hub repo id ``owner/name``, optionally ``@revision`` (a branch, tag or commit), fetched through
+  ``huggingface_hub`` (its cache and ``HF_HUB_OFFLINE`` honoured), no larger than
+  ``CODEBOOK_APP_MAX_MODEL_MB``; weights are only read from safetensors and no code is ever run
+  (``trust_remote_code`` is never set);
+* a local directory only if the server sets ``CODEBOOK_APP_MODEL_ROOTS`` and the directory, after
+  resolving ``..`` and symlinks, lies inside one of those roots.
+
+Everything else (other paths, ``..`` tricks, URLs, control characters, revisions that climb out of
+the cache) is refused with a message saying why. The model named by ``CODEBOOK_MODEL`` is trusted:
+the operator chose it.
+
+Each session picks its own model (a visitor loading one does not switch anyone else's); loaded
+models are shared and kept in a small LRU cache. A failed load raises :class:`ModelError` and
+changes nothing, so the previous model keeps working.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import threading
+from pathlib import Path
+
+import torch
+
+from app.settings import Settings
+from codebook import CodebookModel, hub
+from codebook.topics import load_topics
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 200
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+_REVISION = re.compile(r"^[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*$")
+_PATH_START = ("/", "./", "../", "~", ".\\", "..\\")
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message is meant for the visitor."""
+
+
+def check_model_name(name: str, roots: tuple[Path, ...]) -> str:
+    """The name to load (stripped) if a visitor may load it; else :class:`ModelError`."""
+    name = (name or "").strip()
+    if not name:
+        raise ModelError("the model box is empty: type 'default', a Hub repo id like "
+                         "'owner/name' or 'owner/name@revision'")
+    if len(name) > MAX_NAME_CHARS:
+        raise ModelError(f"a model name is at most {MAX_NAME_CHARS} characters; this one has "
+                         f"{len(name)}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ModelError("the model name contains control characters")
+    if name == hub.DEFAULT_MODEL_NAME:
+        return name
+    if name.startswith(_PATH_START) or name in (".", ".."):
+        return _check_local(name, roots)
+    if "://" in name or "\\" in name:
+        raise ModelError(f"{name!r} is not a Hub repo id: write owner/name (no URL)")
+    repo_id, _, revision = name.partition("@")
+    if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise ModelError(f"{name!r} is not a Hub repo id: write owner/name or owner/name@revision")
+    if "@" in name and (not _REVISION.match(revision) or ".." in revision.split("/")):
+        raise ModelError(f"{revision!r} is not a valid revision: give a branch, tag or commit")
+    # codebook.hub prefers a local directory of the same name over the Hub: refuse rather than
+    # let a visitor reach a directory beside the server through a repo-id-shaped name.
+    if Path(repo_id).exists():
+        raise ModelError(f"{repo_id!r} also names a local path on this server; refusing to guess")
+    return name
+
+
+def _check_local(name: str, roots: tuple[Path, ...]) -> str:
+    if not roots:
+        raise ModelError("loading local directories is disabled on this server (the operator "
+                         "can allow folders with CODEBOOK_APP_MODEL_ROOTS); use a Hub repo id")
+    path = Path(name).expanduser().resolve()
+    if not any(path == root or root in path.parents for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise ModelError(f"{name!r} is outside the folders this server allows models from "
+                         f"({allowed})")
+    if not path.is_dir():
+        raise ModelError(f"model directory not found: {name}")
+    return str(path)
+
+
+def _check_hub_size(name: str, limit_mb: int) -> None:
+    """Refuse a Hub model whose weights exceed the limit, before downloading them. Offline, only
+    the cache is read, so there is nothing to check."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE or name == hub.DEFAULT_MODEL_NAME or not _REPO_ID.match(
+        hub.split_revision(name)[0]
+    ):
+        return
+    repo_id, revision = hub.split_revision(name)
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    except Exception:  # an unreachable Hub or a missing repo: the load itself reports it
+        return
+    size = sum(f.size or 0 for f in info.siblings or [] if f.rfilename.endswith(".safetensors"))
+    if size > limit_mb * 2**20:
+        raise ModelError(f"{repo_id} has {size / 2**20:.0f} MB of weights; this server loads "
+                         f"models up to {limit_mb} MB")
+
+
+# Serialises every forward pass in the process. Steering and code capture are state on a model's
+# codebook layers, so two requests must not run one model at once; and torch's dispatch of custom
+# ops (the codebook op) keeps annotation state in a process-wide dict that concurrent calls from
+# two threads corrupt (a KeyError in torch.fx.traceback.annotate), so not two models either.
+FORWARD_LOCK = threading.Lock()
+
+
+class LoadedModel:
+    """A model ready to serve, with what the tabs read beside it; ``lock`` (the process-wide
+    :data:`FORWARD_LOCK`) must be held around every forward pass."""
+
+    def __init__(self, name: str, model: CodebookModel, directory: Path):
+        self.name = name
+        self.model = model
+        self.directory = directory
+        self.lock = FORWARD_LOCK
+        self.tokenizer = model.tokenizer
+        try:
+            self.topics = load_topics(directory)
+        except ValueError as err:  # a broken topics.json must not make the model unusable
+            log.warning("ignoring the topic presets of %s: %s", name, err)
+            self.topics = {}
+        self._lazy_lock = threading.Lock()
+        self._surfaces: list[str] | None = None
+
+    @property
+    def max_positions(self) -> int | None:
+        config = self.model.config
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def surfaces(self) -> list[str]:
+        """Each token's text (see :func:`codebook.text.token_surfaces`), computed once."""
+        from codebook.text import token_surfaces
+
+        with self._lazy_lock:
+            if self._surfaces is None:
+                self._surfaces = token_surfaces(self.tokenizer)
+            return self._surfaces
+
+
+def load(name: str, device: str | None = None) -> LoadedModel:
+    """Load ``name`` (already checked) or raise :class:`ModelError` saying why not."""
+    try:
+        directory = hub.resolve_model_dir(name)
+        model = CodebookModel.from_pretrained(directory, device=device)
+    except Exception as err:  # whatever went wrong, the visitor gets a message, the app lives
+        log.info("cannot load model %r: %s: %s", name, type(err).__name__, err)
+        raise ModelError(f"cannot load {name!r}: {err}") from None
+    if model.tokenizer is None:
+        raise ModelError(f"{name!r} has no tokenizer files, which the app needs to read text")
+    return LoadedModel(name, model, directory)
+
+
+class ModelRegistry:
+    """Loaded models by name: the start model always, plus the most recently used others."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.start_name = settings.model
+        self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def start_model(self) -> LoadedModel:
+        return self.get(self.start_name)
+
+    def get(self, name: str) -> LoadedModel:
+        """The loaded model ``name`` (trusted: the start model or an already checked name)."""
+        with self._lock:
+            if name in self._models:
+                self._models.move_to_end(name)
+                return self._models[name]
+            name_lock = self._loading.setdefault(name, threading.Lock())
+        with name_lock:  # one load per name, however many sessions ask at once
+            with self._lock:
+                if name in self._models:
+                    return self._models[name]
+            loaded = load(name, self.device)
+            with self._lock:
+                self._models[name] = loaded
+                self._evict()
+            return loaded
+
+    def load_for_visitor(self, name: str) -> LoadedModel:
+        """Check what a visitor typed, then load it (see the module docstring)."""
+        name = check_model_name(name, self.settings.model_roots)
+        if name == self.start_name:
+            return self.get(name)
+        with self._lock:
+            cached = name in self._models
+        if not cached:
+            _check_hub_size(name, self.settings.max_model_mb)
+        return self.get(name)
+
+    def _evict(self) -> None:
+        others = [n for n in self._models if n != self.start_name]
+        while len(self._models) > self.settings.max_models and others:
+            # Sessions still holding the evicted model keep it alive until they finish.
+            del self._models[others.pop(0)]

@@ -1,0 +1,48 @@
+"""The Model tab: load another model (Hub repo id, optionally @revision), and read the session's
+model: its shape and metrics, its training plots and its model card. The load event itself is
+wired in :mod:`app.ui`, since a new model changes every tab."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gradio as gr
+
+from app import model_info
+from app.models import LoadedModel
+from app.tabs import AppContext
+
+
+@dataclasses.dataclass
+class ModelTab:
+    name: gr.Textbox
+    load: gr.Button
+    status: gr.Markdown
+    facts: gr.Markdown
+    plots: list[gr.Image]  # one per model_info.PLOTS
+    card: gr.Markdown
+
+
+def updates(ctx: AppContext, loaded: LoadedModel) -> list:
+    """Updates of the tab's ``facts``, each plot and ``card`` for a newly loaded model."""
+    plots = model_info.plots(loaded, ctx.workdir / "plots")
+    return [model_info.facts(loaded),
+            *(gr.update(value=path, visible=path is not None) for path in plots.values()),
+            model_info.card(loaded)]
+
+
+def build(ctx: AppContext, start: LoadedModel) -> ModelTab:
+    with gr.Row(equal_height=False):
+        name = gr.Textbox(start.name, label="Model",
+                          info="'default', or a Hub repo id: owner/name or owner/name@revision",
+                          scale=4)
+        load = gr.Button("Load", variant="primary", scale=1, min_width=90)
+    status = gr.Markdown(elem_classes="hint")
+    facts = gr.Markdown(model_info.facts(start))
+    paths = model_info.plots(start, ctx.workdir / "plots")
+    plots = [gr.Image(paths[name], label=caption, type="filepath", interactive=False,
+                      visible=paths[name] is not None, buttons=["fullscreen", "download"])
+             for name, caption in model_info.PLOTS.items()]
+    with gr.Accordion("Model card", open=True):
+        card = gr.Markdown(model_info.card(start))
+    return ModelTab(name, load, status, facts, plots, card)

@@ -1,0 +1,270 @@
+"""The Steer tab, the first thing a visitor sees: a prompt, topic presets, a steering set of codes
+(removable chips, strength, mode, positions, shareable as JSON), a topic search that finds codes
+for any word, and the unsteered and steered continuations streamed side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import gradio as gr
+import pandas as pd
+
+from app import highlight, inputs
+from app.analysis import has_index, topic_search
+from app.errors import shown
+from app.generation import continuation_text, side_by_side
+from app.gpu import gpu
+from app.inputs import InputError
+from app.models import LoadedModel
+from app.tabs import AppContext
+from codebook.topics import preset_steering
+
+MAX_TOPIC_BUTTONS = 12
+# Streamed updates are sent at most this often: a small model writes faster than a browser
+# needs to repaint, and every update is a message to every watching client.
+STREAM_INTERVAL = 0.1
+MODES = [("add: displace the weakest of the k active codes", "add"),
+         ("replace: replace all k active codes", "replace")]
+POSITIONS = [("all tokens", "all"), ("prompt only", "prompt"), ("generated only", "generated")]
+SEARCH_HEADERS = ["code", "precision", "recall", "example contexts (hit in [brackets])"]
+DEFAULT_PROMPT = "Once upon a time,"
+EMPTY_STORY = "<div class='story-text empty'>Press Generate to write a story.</div>"
+
+
+@dataclasses.dataclass
+class SteerTab:
+    prompt: gr.Textbox
+    hint: gr.Markdown
+    topic_buttons: list[gr.Button]
+    codes: gr.Dropdown
+    strength: gr.Slider
+    mode: gr.Radio
+    positions: gr.Radio
+    highlight: gr.Textbox
+    seed: gr.Number
+    random_seed: gr.Checkbox
+    temperature: gr.Slider
+    max_tokens: gr.Slider
+    unsteered: gr.HTML
+    steered: gr.HTML
+    status: gr.Markdown
+    search_summary: gr.Markdown
+    inspect_unsteered: gr.Button
+    inspect_steered: gr.Button
+    last: gr.State  # the last generation's token ids, for the Token view
+
+
+def chips(codes: list[str]) -> dict:
+    """An update showing ``codes`` as the steering set's chips (the dropdown only sends back
+    values that are among its choices)."""
+    return gr.update(choices=list(codes), value=list(codes))
+
+
+def with_code(codes: list[str] | None, code: str) -> list[str]:
+    codes = list(codes or [])
+    return codes if code in codes else codes + [code]
+
+
+def topic_buttons(loaded: LoadedModel) -> list[dict]:
+    names = list(loaded.topics)[:MAX_TOPIC_BUTTONS]
+    return ([gr.update(value=name, visible=True) for name in names]
+            + [gr.update(visible=False)] * (MAX_TOPIC_BUTTONS - len(names)))
+
+
+def topic_hint(loaded: LoadedModel) -> str:
+    if loaded.topics:
+        return ("**Steer toward a topic**: a click switches on codes that fire in stories about "
+                "it.")
+    return ("**This model has no topic presets**: find codes for a topic with the search "
+            "below, or add codes from the Codes tab.")
+
+
+def search_note(loaded: LoadedModel) -> str:
+    if has_index(loaded):
+        return ""
+    return ("This model has no code index, so codes cannot be searched; steering with codes "
+            "you know still works.")
+
+
+def steering_json(codes, strength, mode, positions) -> str:
+    """The steering set as JSON (``Steering.to_json``'s keys), to copy and share."""
+    return json.dumps({"codes": list(codes or []), "strength": strength, "mode": mode,
+                       "positions": positions})
+
+
+def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
+    settings = ctx.settings
+    prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt: the beginning of a story", lines=2,
+                        max_lines=6)
+    hint = gr.Markdown(topic_hint(start), elem_classes="hint")
+    with gr.Row(elem_classes="presets"):
+        names = list(start.topics)[:MAX_TOPIC_BUTTONS]
+        buttons = [gr.Button(names[i] if i < len(names) else "", size="md",
+                             visible=i < len(names), min_width=0)
+                   for i in range(MAX_TOPIC_BUTTONS)]
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", scale=3)
+        clear = gr.Button("Clear steering", scale=1, min_width=120)
+    with gr.Row(equal_height=False):
+        with gr.Column(min_width=300):
+            gr.Markdown("#### Without steering")
+            unsteered = gr.HTML(EMPTY_STORY, elem_classes="story")
+            inspect_unsteered = gr.Button("Codes of this story →", size="sm")
+        with gr.Column(min_width=300):
+            gr.Markdown("#### With steering <span class='hint'>(same seed; "
+                        "<mark>topic words</mark> marked)</span>")
+            steered = gr.HTML(EMPTY_STORY, elem_classes="story")
+            inspect_steered = gr.Button("Codes of this story →", size="sm")
+    status = gr.Markdown("Pick a topic, then press **Generate**.", elem_classes="hint")
+    result = gr.JSON(visible=False)  # plain texts and settings, for API clients
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            gr.Markdown("### Steering set")
+            codes = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
+                                label="Codes switched on",
+                                info="3:attn_heads:2:117 is code 117 of head 2's codebook in "
+                                     "layer 3. Add codes from a topic or the search, click × "
+                                     "to remove one, or type one and press Enter.")
+            strength = gr.Slider(0, 10, value=1.0, step=0.1, label="Strength",
+                                 info="Multiplies the forced codes' vectors")
+            mode = gr.Radio(MODES, value="add", label="Mode")
+            positions = gr.Radio(POSITIONS, value="all", label="Steer at")
+            with gr.Accordion("Share: the steering set as JSON", open=False):
+                json_box = gr.Textbox(steering_json([], 1.0, "add", "all"), show_label=False,
+                                      lines=3, buttons=["copy"],
+                                      info="Copy it, or paste one and press Apply")
+                apply_json = gr.Button("Apply pasted JSON", size="sm")
+        with gr.Column(scale=1):
+            gr.Markdown("### Find codes for any topic")
+            with gr.Row(equal_height=False):
+                search_box = gr.Textbox(label="A word or regex", placeholder="e.g. dragon, "
+                                        r"\b(?:cat|kitten)", scale=4)
+                search = gr.Button("Search", scale=1, min_width=90)
+            search_summary = gr.Markdown(search_note(start), elem_classes="hint")
+            search_table = gr.Dataframe(headers=SEARCH_HEADERS, interactive=False, wrap=True,
+                                        datatype=["str", "number", "number", "str"],
+                                        max_height=360, label="Click a row to add its code")
+    with gr.Accordion("Sampling", open=False):
+        with gr.Row():
+            seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=inputs.MAX_SEED)
+            random_seed = gr.Checkbox(True, label="New random seed each time",
+                                      info="The seed used is written back, to reproduce a pair")
+            temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature",
+                                    info="0 is greedy")
+            max_tokens = gr.Slider(1, settings.max_new_tokens,
+                                   value=min(150, settings.max_new_tokens), step=1,
+                                   label="Max new tokens")
+        highlight_box = gr.Textbox(label="Highlight words matching (regex)",
+                                   placeholder="set by a topic or a search")
+    last = gr.State(None)
+
+    @shown
+    def apply_topic(topic: str, model_name: str):
+        loaded = ctx.model(model_name)
+        if topic not in loaded.topics:
+            known = ", ".join(loaded.topics) or "none"
+            raise InputError(f"no topic preset {topic!r}; this model's presets: {known}")
+        preset = loaded.topics[topic]
+        steering = preset_steering(preset)
+        codes_now = [str(c) for c in steering.codes]
+        note = (f"Steering toward **{topic}**: {len(codes_now)} codes switched on. "
+                "Press **Generate**.")
+        return (chips(codes_now), steering.strength, steering.mode, steering.positions,
+                preset.get("regex", topic), note)
+
+    preset_outputs = [codes, strength, mode, positions, highlight_box, status]
+    for button in buttons:
+        button.click(apply_topic, [button, ctx.model_state], preset_outputs,
+                     api_visibility="private")
+    # The same for API clients, by topic name.
+    topic_name = gr.Textbox(visible=False)
+    gr.Button(visible=False).click(apply_topic, [topic_name, ctx.model_state], preset_outputs,
+                                   api_name="topic")
+
+    @gpu()
+    @shown
+    def run(model_name, prompt_text, codes_now, strength_now, mode_now, positions_now, seed_now,
+            random_now, temperature_now, max_now, highlight_now):
+        loaded = ctx.model(model_name)
+        max_new = inputs.max_new_tokens(max_now, settings.max_new_tokens)
+        ids = inputs.prompt_ids(loaded, prompt_text, settings.max_prompt_chars, max_new)
+        steering = inputs.steering(loaded, codes_now, strength_now, mode_now, positions_now)
+        temperature_value = inputs.temperature(temperature_now)
+        used_seed = inputs.seed(seed_now, bool(random_now))
+        pattern = highlight.topic_pattern(highlight_now)
+        pair = ([], [])
+        sent = 0.0
+
+        def view(tokens):
+            return highlight.story_html(prompt_text, continuation_text(loaded, ids, tokens),
+                                        pattern)
+
+        for pair in side_by_side(loaded, ids, steering, used_seed, temperature_value, max_new):
+            if time.monotonic() - sent >= STREAM_INTERVAL:
+                sent = time.monotonic()
+                yield view(pair[0]), view(pair[1]), used_seed, gr.skip(), gr.skip(), gr.skip()
+        texts = [continuation_text(loaded, ids, tokens) for tokens in pair]
+        note = (f"Seed {used_seed}, temperature {temperature_value:g}: "
+                f"{len(pair[0])} and {len(pair[1])} new tokens.")
+        if steering is None:
+            note += " No codes are switched on, so both sides are the same: pick a topic."
+        elif pattern is not None:
+            counts = [highlight.count_matches(t, pattern) for t in texts]
+            note += f" Topic words: {counts[0]} without, **{counts[1]} with steering**."
+        last_run = {"prompt": prompt_text, "prompt_ids": ids, "tokens": [list(t) for t in pair],
+                    "steering": steering.to_json() if steering else None}
+        texts_out = {"unsteered": texts[0], "steered": texts[1],
+                     "tokens": [len(pair[0]), len(pair[1])], "seed": used_seed,
+                     "temperature": temperature_value,
+                     "steering": steering.to_dict() if steering else None}
+        yield view(pair[0]), view(pair[1]), used_seed, note, texts_out, last_run
+
+    gr.on([generate.click, prompt.submit], run,
+          [ctx.model_state, prompt, codes, strength, mode, positions, seed, random_seed,
+           temperature, max_tokens, highlight_box],
+          [unsteered, steered, seed, status, result, last], api_name="generate",
+          concurrency_limit=settings.concurrency, concurrency_id="generate")
+
+    @shown
+    def find(query: str, model_name: str):
+        loaded = ctx.model(model_name)
+        pattern = inputs.regex(query, "search")
+        rows, summary = topic_search(loaded, pattern)
+        table = pd.DataFrame(
+            [[r["name"], round(r["precision"], 3), round(r["recall"], 3), r["example"]]
+             for r in rows], columns=SEARCH_HEADERS)
+        return table, summary + ". Click a row to add its code.", pattern
+
+    gr.on([search.click, search_box.submit], find, [search_box, ctx.model_state],
+          [search_table, search_summary, highlight_box], api_name="search_topics")
+
+    def add_row(codes_now, evt: gr.SelectData):
+        row = evt.row_value or []
+        if not row or not row[0]:
+            return gr.skip(), gr.skip()
+        return chips(with_code(codes_now, str(row[0]))), f"Added code `{row[0]}`."
+
+    search_table.select(add_row, [codes], [codes, status], api_visibility="private")
+
+    clear.click(lambda: (chips([]), "Steering cleared: both sides will write the same story."),
+                None, [codes, status], api_visibility="private")
+
+    set_parts = [codes, strength, mode, positions]
+    for part in set_parts:
+        part.change(steering_json, set_parts, json_box, api_visibility="private")
+
+    @shown
+    def import_json(text: str, model_name: str):
+        steering = inputs.steering_json(ctx.model(model_name), text)
+        return (chips([str(c) for c in steering.codes]), steering.strength, steering.mode,
+                steering.positions, f"Applied a steering set of {len(steering.codes)} codes.")
+
+    apply_json.click(import_json, [json_box, ctx.model_state],
+                     [codes, strength, mode, positions, status], api_name="import_steering")
+
+    return SteerTab(prompt, hint, buttons, codes, strength, mode, positions, highlight_box, seed,
+                    random_seed, temperature, max_tokens, unsteered, steered, status,
+                    search_summary, inspect_unsteered, inspect_steered, last)

@@ -1,0 +1,137 @@
+"""The Token view tab: a text split into tokens; click one to see the codes chosen there in every
+head (and which of them the steering forced). A story generated on the Steer tab opens here with
+its exact tokens and steering."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gradio as gr
+import pandas as pd
+
+from app import inputs
+from app.errors import shown
+from app.generation import continuation_text
+from app.gpu import gpu
+from app.tabs import AppContext
+from app.tabs.steer import SteerTab
+from app.token_view import TokenCodes, token_codes
+from codebook.steering import Steering
+from codebook.text import encode_document
+
+TAB_ID = "tokens"
+COLORS = {"even": "#e0f2fe", "odd": "#fef3c7"}
+STEERING_CHOICES = [("off", "off"), ("the Steer tab's steering set", "on")]
+HEADERS = ["layer", "site", "head", "codes (best first)", "forced by steering"]
+MAX_TOKENS = 1024
+
+
+@dataclasses.dataclass
+class TokensTab:
+    text: gr.Textbox
+
+
+def _shown_token(text: str) -> str:
+    return "«start»" if text == "" else text.replace("\n", "↵")
+
+
+def token_segments(view: TokenCodes) -> list[tuple[str, str]]:
+    return [(_shown_token(t), "even" if i % 2 == 0 else "odd") for i, t in enumerate(view.tokens)]
+
+
+def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
+    gr.Markdown("Every token passes through every codebook: click a token to see the codes "
+                "chosen for it in each head. Codes forced by steering are listed separately.",
+                elem_classes="hint")
+    text = gr.Textbox(label="Text", lines=3, max_lines=8,
+                      placeholder="Generate a story on the Steer tab and press 'Codes of this "
+                                  "story', or type any text")
+    with gr.Row(equal_height=False):
+        steering_choice = gr.Radio(STEERING_CHOICES, value="off", label="Steering", scale=3)
+        show = gr.Button("Show tokens", variant="primary", scale=1, min_width=140)
+    tokens = gr.HighlightedText(label="Tokens (click one)", color_map=COLORS, show_legend=False,
+                                show_inline_category=False, interactive=False)
+    selected = gr.Markdown(elem_classes="hint")
+    table = gr.Dataframe(headers=HEADERS, interactive=False, max_height=420, wrap=True)
+    # The exact token ids of a story opened from the Steer tab (re-encoding its text could split
+    # it into other tokens), used while the text box still holds that story.
+    source = gr.State(None)
+    view = gr.State(None)
+
+    @gpu()
+    @shown
+    def show_tokens(text_now: str, choice: str, model_name: str, codes, strength, mode,
+                    positions, prompt: str, source_now: dict | None):
+        loaded = ctx.model(model_name)
+        if not isinstance(text_now, str) or not text_now.strip():
+            raise inputs.InputError("the text is empty: generate a story or type some text")
+        if len(text_now) > ctx.settings.max_prompt_chars * 4:
+            raise inputs.InputError(f"the text has {len(text_now):,} characters; the limit is "
+                                    f"{ctx.settings.max_prompt_chars * 4:,}")
+        if source_now and source_now["text"] == text_now:
+            ids, prompt_length = source_now["ids"], source_now["prompt_length"]
+        else:
+            ids = encode_document(loaded.tokenizer, text_now)
+            same_prompt = bool(prompt) and text_now.startswith(prompt)
+            prompt_length = len(encode_document(loaded.tokenizer, prompt)) if same_prompt \
+                else len(ids)
+        limit = min(MAX_TOKENS, loaded.max_positions or MAX_TOKENS)
+        if len(ids) > limit:
+            raise inputs.InputError(f"the text has {len(ids)} tokens; this view shows at most "
+                                    f"{limit}")
+        steering = None
+        if choice == "on":
+            steering = inputs.steering(loaded, codes, strength, mode, positions)
+            if steering is None:
+                raise inputs.InputError("the steering set is empty: choose codes on the Steer "
+                                        "tab, or set Steering to off")
+        result = token_codes(loaded, ids, prompt_length, steering)
+        note = f"{len(ids)} tokens. Click one to see its codes."
+        return token_segments(result), note, pd.DataFrame(columns=HEADERS), result
+
+    token_inputs = [text, steering_choice, ctx.model_state, steer.codes, steer.strength,
+                    steer.mode, steer.positions, steer.prompt, source]
+    token_outputs = [tokens, selected, table, view]
+    gr.on([show.click, text.submit], show_tokens, token_inputs, token_outputs, api_name="tokens")
+
+    def pick(view_now: TokenCodes | None, evt: gr.SelectData):
+        if view_now is None or not isinstance(evt.index, int):
+            return gr.skip(), gr.skip()
+        position = evt.index
+        rows = view_now.rows(position)
+        frame = pd.DataFrame([[r["layer"], r["site"], r["head"], ", ".join(map(str, r["codes"])),
+                               ", ".join(map(str, r["forced"]))] for r in rows], columns=HEADERS)
+        token = _shown_token(view_now.tokens[position])
+        return f"Token {position}: **{token!r}** (id {view_now.token_ids[position]})", frame
+
+    tokens.select(pick, [view], [selected, table], api_visibility="private")
+
+    def open_story(side: int):
+        def opener(last: dict | None, model_name: str):
+            if not last:
+                raise gr.Error("Generate a story first.", print_exception=False)
+            loaded = ctx.model(model_name)
+            story = last["prompt"] + continuation_text(loaded, last["prompt_ids"],
+                                                       last["tokens"][side])
+            steered = side == 1 and last["steering"] is not None
+            opened = {"text": story, "ids": last["prompt_ids"] + last["tokens"][side],
+                      "prompt_length": len(last["prompt_ids"])}
+            steering = Steering.from_json(last["steering"]) if steered else None
+            codes = [str(c) for c in steering.codes] if steering else gr.skip()
+            set_parts = ([steering.strength, steering.mode, steering.positions] if steering
+                         else [gr.skip()] * 3)
+            return (story, "on" if steered else "off", opened, gr.Tabs(selected=TAB_ID),
+                    gr.update(choices=codes, value=codes) if steering else codes, *set_parts)
+
+        return opener
+
+    # The story's own steering is put back in the steering set, so the view shows what was
+    # active while it was written even if the set was edited since.
+    for side, button in ((0, steer.inspect_unsteered), (1, steer.inspect_steered)):
+        button.click(open_story(side), [steer.last, ctx.model_state],
+                     [text, steering_choice, source, tabs, steer.codes, steer.strength,
+                      steer.mode, steer.positions], api_visibility="private").then(
+            show_tokens, token_inputs, token_outputs, api_visibility="private")
+
+    return TokensTab(text)
+

@@ -1,0 +1,77 @@
+"""The whole interface: a short introduction, the five tabs, and the events that cross tabs
+(loading a model changes every tab; "steer with this code" fills the Steer tab)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from app.errors import shown
+from app.exporting import ExportCache
+from app.models import LoadedModel, ModelRegistry
+from app.settings import Settings
+from app.tabs import AppContext, codes, export, model, steer, tokens
+
+PAPER = "https://arxiv.org/abs/2310.17230"
+INTRO = f"""# Codebook Features Studio
+A small language model that writes children's stories, built so that its inner workings can be
+read and steered. Inside it, the output of every attention head is snapped to a few **codes**:
+entries of a learned dictionary (a *codebook*), only *k* of them active per head at each token.
+Many codes mean something (a topic, a character, the end of a sentence), so **switching on a
+topic's codes turns the story toward it**. Pick a topic and press **Generate**
+([the paper]({PAPER}))."""
+
+
+def model_line(loaded: LoadedModel) -> str:
+    topics = f", {len(loaded.topics)} topic presets" if loaded.topics else ", no topic presets"
+    return f"Model: `{loaded.name}`{topics} (change it on the Model tab)."
+
+
+def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr.Blocks:
+    start = registry.start_model()
+    with gr.Blocks(title="Codebook Features Studio", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(INTRO, elem_id="intro")
+        header = gr.Markdown(model_line(start), elem_classes="hint")
+        model_state = gr.State(start.name)
+        ctx = AppContext(registry, settings, workdir, ExportCache(workdir / "exports"),
+                         model_state)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Steer", id="steer"):
+                steer_tab = steer.build(ctx, start)
+            with gr.Tab("Codes", id="codes"):
+                codes_tab = codes.build(ctx, start)
+            with gr.Tab("Token view", id=tokens.TAB_ID):
+                tokens.build(ctx, steer_tab, tabs)
+            with gr.Tab("Export", id="export"):
+                export.build(ctx, steer_tab)
+            with gr.Tab("Model", id="model"):
+                model_tab = model.build(ctx, start)
+
+        def steer_with(code: str | None, codes_now: list[str] | None):
+            if not code:
+                return gr.skip(), gr.skip(), gr.skip()
+            return (steer.chips(steer.with_code(codes_now, code)), gr.Tabs(selected="steer"),
+                    f"Added code `{code}` to the steering set. Press **Generate**.")
+
+        codes_tab.steer_with.click(steer_with, [codes_tab.current, steer_tab.codes],
+                                   [steer_tab.codes, tabs, steer_tab.status],
+                                   api_visibility="private")
+
+        @shown
+        def load_model(name: str):
+            loaded = registry.load_for_visitor(name)
+            site, head, code = codes.first_code(loaded)
+            return [loaded.name, f"Loaded `{loaded.name}`.", model_line(loaded),
+                    *model.updates(ctx, loaded), steer.topic_hint(loaded),
+                    *steer.topic_buttons(loaded), steer.chips([]), steer.search_note(loaded),
+                    gr.update(choices=codes.site_choices(loaded), value=site), head, code,
+                    codes.shape_note(loaded)]
+
+        gr.on([model_tab.load.click, model_tab.name.submit], load_model, [model_tab.name],
+              [model_state, model_tab.status, header, model_tab.facts, *model_tab.plots,
+               model_tab.card, steer_tab.hint, *steer_tab.topic_buttons, steer_tab.codes,
+               steer_tab.search_summary, codes_tab.site,
+               codes_tab.head, codes_tab.code, codes_tab.index_note],
+              api_name="load_model", concurrency_limit=1, concurrency_id="load")
+    return demo

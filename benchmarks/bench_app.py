@@ -1,0 +1,134 @@
+"""Benchmark: the app as a visitor meets it. Starts ``python app.py`` (a fresh process per run, on
+a free loopback port) and measures, through ``gradio_client``:
+
+* start: seconds from launching ``python app.py`` to the page answering, model loaded (the
+  app's "codebook app ready at" line, then HTTP 200 for the page), wall clock and the CPU time
+  the app process used (on a shared machine the two differ);
+* first update: seconds from submitting a steered generation to its first streamed update;
+* tokens/s: new steered tokens per second through the app, the unsteered side written alongside
+  as the Steer tab does (``--max-tokens`` per side), and both sides' tokens per second.
+
+Steering uses the model's first topic preset (else one code). Run:
+
+    python benchmarks/bench_app.py [--model default] [--runs 3] [--max-tokens 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+READY = "codebook app ready at"
+PROMPT = "Once upon a time,"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far: on a shared machine, wall time
+    includes waiting for a core; this does not."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(model: str, max_tokens: int) -> tuple[subprocess.Popen, str, float, float]:
+    """Launch the app; return the process, its URL, and the wall and CPU seconds until the page
+    answered."""
+    env = {**os.environ, "CODEBOOK_MODEL": model, "GRADIO_SERVER_NAME": "127.0.0.1",
+           "GRADIO_SERVER_PORT": str(free_port()), "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "CODEBOOK_APP_MAX_NEW_TOKENS": str(max_tokens)}
+    began = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = None
+    for line in proc.stdout:
+        if line.startswith(READY):
+            url = line.split()[-1]
+            break
+    if url is None:
+        raise RuntimeError(f"the app exited with status {proc.wait()} before it was ready")
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+    httpx.get(url, timeout=60).raise_for_status()
+    return proc, url, time.perf_counter() - began, cpu_seconds(proc.pid)
+
+
+def steering_codes(model: str) -> list[str]:
+    from codebook import hub
+    from codebook.topics import load_topics
+
+    for preset in load_topics(hub.resolve_model_dir(model)).values():
+        return [f"{c['layer']}:{c['site']}:{c['head']}:{c['code']}" for c in preset["codes"]]
+    return ["0:attn_heads:0:1"]
+
+
+def generate(client, codes: list[str], max_tokens: int, seed: int) -> tuple[float, float, dict]:
+    """``(seconds to the first update, total seconds, result)`` of one steered generation."""
+    began = time.perf_counter()
+    job = client.submit(PROMPT, codes, 1.0, "add", "all", seed, False, 1.0, max_tokens, "",
+                        api_name="/generate")
+    first = None
+    for _ in job:
+        if first is None:
+            first = time.perf_counter() - began
+    result = job.result()[4]
+    return first, time.perf_counter() - began, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Time the app: start, first token, tokens/s.")
+    parser.add_argument("--model", default=os.environ.get("CODEBOOK_MODEL", "default"))
+    parser.add_argument("--runs", type=int, default=3, help="app starts (one generation each)")
+    parser.add_argument("--max-tokens", type=int, default=200, help="new tokens per side")
+    args = parser.parse_args()
+
+    from gradio_client import Client
+
+    codes = steering_codes(args.model)
+    starts, start_cpu, firsts, steered, both = [], [], [], [], []
+    for run in range(args.runs):
+        proc, url, seconds, cpu = start(args.model, args.max_tokens)
+        try:
+            starts.append(seconds)
+            start_cpu.append(cpu)
+            client = Client(url, verbose=False)
+            generate(client, codes, 8, seed=run)  # warm-up: first-call costs are not per token
+            first, total, result = generate(client, codes, args.max_tokens, seed=run)
+            firsts.append(first)
+            steered.append(result["tokens"][1] / total)
+            both.append(sum(result["tokens"]) / total)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    def row(name: str, values: list[float], unit: str) -> str:
+        return (f"| {name} | {statistics.median(values):.3g} {unit} | {min(values):.3g} | "
+                f"{max(values):.3g} |")
+
+    print(f"model {args.model!r}, {len(codes)} steering codes, {args.runs} runs, "
+          f"{args.max_tokens} new tokens per side, {os.cpu_count()} CPUs\n")
+    print("| measure | median | min | max |\n|---|---|---|---|")
+    print(row("start: `python app.py` to ready (wall)", starts, "s"))
+    print(row("start: CPU time of the app process", start_cpu, "s"))
+    print(row("first streamed update, steered generation", firsts, "s"))
+    print(row("steered tokens/s (unsteered side alongside)", steered, "tokens/s"))
+    print(row("both sides' tokens/s", both, "tokens/s"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+"""Analysis subcommands of ``python -m codebook``: index, code, search, topics, generate and
+steer-eval.
+
+``add_analysis_parsers(subparsers)`` registers them all. Heavy imports happen inside the handlers
+so that ``--help`` stays fast. Every query prints text, or JSON with ``--json``.
+
+* ``index``: run a model over text files and store its code activation index beside it;
+* ``code``: a code's frequency, top activating contexts and promoted tokens;
+* ``search``: codes ranked by precision and recall on a regex (or token) over the index;
+* ``topics``: codes that concentrate in documents about a topic; ``--save`` makes a preset;
+* ``generate``: unsteered and steered continuations of a prompt, same seed;
+* ``steer-eval``: the paper's steering evaluation for a topic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from codebook.text import FORMATS
+
+# Topic search settings for topics without a preset: how many of the best codes to force, at
+# most how many per head, and how. See the report in topics.json "stats" for how they were set.
+TOPIC_MAX_CODES = 8
+TOPIC_PER_HEAD = 1
+TOPIC_STRENGTH = 1.0
+TOPIC_MODE = "add"
+
+
+def add_analysis_parsers(subparsers) -> None:
+    _add_index(subparsers)
+    _add_code(subparsers)
+    _add_search(subparsers)
+    _add_topics(subparsers)
+    _add_generate(subparsers)
+    _add_steer_eval(subparsers)
+
+
+# -- shared options and helpers ---------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
+    parser.add_argument("--model", default="default",
+                        help="'default' (embedded), a model directory or a Hub repo id")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide progress bars")
+    if json_output:
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _data_options(parser: argparse.ArgumentParser, required: bool, what: str) -> None:
+    parser.add_argument("--data", nargs="+", metavar="FILE", required=required, help=what)
+    parser.add_argument("--format", default="auto", choices=FORMATS,
+                        help="how documents are separated in the files (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=16, help="documents per forward call")
+    parser.add_argument("--max-length", type=int,
+                        help="tokens per document read (default: the model's context)")
+
+
+def _steering_options(parser: argparse.ArgumentParser, codes: bool = True) -> None:
+    if codes:
+        parser.add_argument("--codes", metavar="SPEC",
+                            help="codes to force, LAYER:SITE:HEAD:CODE comma-separated (or JSON)")
+    parser.add_argument("--strength", type=float, help="scale of the forced codes")
+    parser.add_argument("--mode", choices=["add", "replace"], help="steering mode")
+    parser.add_argument("--positions", choices=["all", "prompt", "generated"],
+                        help="tokens to steer (default: the preset's, else all)")
+    parser.add_argument("--max-codes", type=int, default=TOPIC_MAX_CODES,
+                        help="codes taken from topic search when the topic has no preset")
+    parser.add_argument("--per-head", type=int, default=TOPIC_PER_HEAD,
+                        help="at most this many topic-search codes per head")
+    parser.add_argument("--statistic", choices=["lead-in", "document"], default="lead-in",
+                        help="how topic search ranks codes (see codebook/search.py)")
+
+
+def _load(args):
+    """``(model, model directory)``, after applying ``--threads``."""
+    import torch
+
+    from codebook import CodebookModel, hub
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    directory = hub.resolve_model_dir(args.model)
+    model = CodebookModel.from_pretrained(directory)
+    if model.tokenizer is None:
+        raise ValueError(f"the model {args.model} has no tokenizer files: analysis needs one")
+    return model, directory
+
+
+def _index_of(args, directory):
+    from codebook.index import INDEX_NAME, CodeIndex
+
+    return CodeIndex.load(args.index or directory / INDEX_NAME)
+
+
+def _print(args, result: dict, text: str) -> None:
+    print(json.dumps(result, indent=1) if args.json else text)
+
+
+def _topic_results(args, model, directory, patterns: dict[str, str]) -> dict:
+    """Topic search for ``patterns`` (name → regex) over ``--data`` if given, else over the
+    model's index."""
+    from codebook.index import Layout, corpus_documents
+    from codebook.search import topic_search
+    from codebook.text import read_documents, token_surfaces
+
+    layout = Layout.of_model(model)
+    if args.data:
+        documents = corpus_documents(model, read_documents(args.data, args.format),
+                                     args.batch_size, args.max_length, args.progress)
+    else:
+        index = _index_of(args, directory)
+        index.layout.check_model(model)
+        documents = index.documents()
+    # Enough ranked codes for the selection to skip codes of heads that are already full.
+    top = max(getattr(args, "top", 0), 10 * args.max_codes, 50)
+    return topic_search(documents, layout, token_surfaces(model.tokenizer), patterns,
+                        args.statistic, top=top)
+
+
+def _topic_regex(topic: str, regex: str | None, presets: dict) -> str:
+    """The regex of a topic: the one given, else its preset's, else the paper's, else the word."""
+    from codebook.topics import PAPER_TOPICS
+
+    if regex:
+        return regex
+    if topic in presets:
+        return presets[topic]["regex"]
+    return PAPER_TOPICS.get(topic, topic)
+
+
+def _topic_steering(args, model, found):
+    """The steering a topic search result gives: its best codes, within the per-head limit."""
+    from codebook.index import Layout
+    from codebook.search import select_codes
+    from codebook.steering import Steering
+
+    codes = select_codes(found.codes, Layout.of_model(model), args.max_codes, args.per_head)
+    return Steering(codes, strength=args.strength or TOPIC_STRENGTH,
+                    mode=args.mode or TOPIC_MODE, positions=args.positions or "all")
+
+
+def _resolve_steering(args, model, directory):
+    """``(steering, regex, source)`` for generate / steer-eval: ``--codes``, else the topic's
+    preset, else a topic search."""
+    from codebook.steering import Steering
+    from codebook.topics import load_topics, preset_steering
+
+    presets = load_topics(directory)
+    regex = _topic_regex(args.topic, args.regex, presets) if args.topic else args.regex
+    if args.codes:
+        steering = Steering(args.codes, strength=args.strength or 1.0,
+                            mode=args.mode or "add", positions=args.positions or "all")
+        return steering, regex, "given"
+    if not args.topic:
+        raise ValueError("say what to steer with: --codes SPEC or a topic")
+    if args.topic in presets and not args.data:
+        steering = preset_steering(presets[args.topic], strength=args.strength, mode=args.mode,
+                                   positions=args.positions)
+        return steering, regex, "preset"
+    found = _topic_results(args, model, directory, {args.topic: regex})[args.topic]
+    return _topic_steering(args, model, found), regex, "topic-search"
+
+
+# -- index ------------------------------------------------------------------------------------
+
+
+def _add_index(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "index", help="build a code activation index of text files",
+        description="Run a codebook model over documents and store every token's codes, each "
+        "document's token offsets and each code's count (safetensors), beside the model unless "
+        "--output says otherwise.")
+    _common(parser, json_output=False)
+    _data_options(parser, required=True, what="text files or folders of .txt files to index")
+    parser.add_argument("--output", help="index file (default: MODEL_DIR/code_index.safetensors)")
+    parser.add_argument("--max-tokens", type=int,
+                        help="keep the index small: only the first documents that fit this many "
+                        "tokens")
+    parser.set_defaults(func=_run_index)
+
+
+def _run_index(args) -> None:
+    from codebook.index import INDEX_NAME, build_index
+    from codebook.text import read_documents
+
+    model, directory = _load(args)
+    documents = read_documents(args.data, args.format)
+    meta = {"model": str(args.model), "sources": [str(p) for p in args.data]}
+    index = build_index(model, documents, args.batch_size, args.max_length, args.max_tokens,
+                        args.progress, meta)
+    path = index.save(args.output or directory / INDEX_NAME)
+    size = path.stat().st_size / 2**20
+    print(f"wrote {path} ({size:.2f} MiB): {index.num_documents} of {len(documents)} documents, "
+          f"{index.num_tokens} tokens, {len(index.layout.sites)} sites"
+          + (f", {index.meta['truncated_documents']} documents cut to "
+             f"{index.meta['max_length']} tokens" if index.meta["truncated_documents"] else ""))
+
+
+# -- code -------------------------------------------------------------------------------------
+
+
+def _add_code(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "code", help="a code's frequency, top activating contexts and promoted tokens",
+        description="What a code does: how often it fires in the index, the contexts it fires "
+        "in (hit marked [[like this]]) and the tokens its vector promotes.")
+    _common(parser)
+    parser.add_argument("code", metavar="CODE",
+                        help="LAYER:SITE:HEAD:CODE, e.g. 3:attn_heads:2:117")
+    parser.add_argument("--index", help="index file (default: the model's)")
+    parser.add_argument("--contexts", type=int, default=10, help="contexts to show")
+    parser.add_argument("--window", type=int, default=8, help="tokens each side of a hit")
+    parser.add_argument("--promote", type=int, default=10, help="promoted tokens to show")
+    parser.set_defaults(func=_run_code)
+
+
+def _run_code(args) -> None:
+    from codebook.contexts import code_summary
+    from codebook.promote import promoted_tokens
+    from codebook.steering import CodeRef
+    from codebook.text import token_surfaces
+
+    model, directory = _load(args)
+    ref = CodeRef.parse(args.code)
+    index = _index_of(args, directory)
+    index.layout.check_model(model)
+    surfaces = token_surfaces(model.tokenizer)
+    result = code_summary(index, ref, surfaces, args.contexts, args.window)
+    result["promoted_tokens"] = promoted_tokens(model, ref, args.promote, surfaces)
+    lines = [f"code {ref}: fired on {result['count']} of {result['indexed_tokens']} tokens "
+             f"({100 * result['frequency']:.3f}%), in {result['documents']} of "
+             f"{result['indexed_documents']} documents",
+             "promotes: " + ", ".join(f"{t['token']!r} ({t['logit']:+.2f})"
+                                      for t in result["promoted_tokens"]),
+             "top contexts:"]
+    lines += [f"  [rank {c['rank']}] {c['text']!r}" for c in result["contexts"]]
+    _print(args, result, "\n".join(lines))
+
+
+# -- search -----------------------------------------------------------------------------------
+
+
+def _add_search(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "search", help="codes ranked by precision and recall on a regex or token",
+        description="Code search over the index: target tokens are those overlapping the "
+        "regex's first capture group (or the whole match), or the given token; codes are ranked "
+        "by F1 of precision (share of a code's activations on targets) and recall (share of "
+        "targets the code fires on).")
+    _common(parser)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--regex", help="regular expression (case-insensitive)")
+    what.add_argument("--token", help="a token, as the tokenizer spells it (e.g. ' dragon')")
+    parser.add_argument("--group", help="capture group selecting the target (number or name)")
+    parser.add_argument("--tokens", choices=["all", "first", "last"], default="all",
+                        help="which tokens of a multi-token match are targets")
+    parser.add_argument("--case-sensitive", action="store_true")
+    parser.add_argument("--index", help="index file (default: the model's)")
+    parser.add_argument("--top", type=int, default=20, help="codes to list")
+    parser.set_defaults(func=_run_search)
+
+
+def _run_search(args) -> None:
+    from codebook.search import code_search, regex_targets, token_targets
+    from codebook.text import token_surfaces
+
+    model, directory = _load(args)
+    index = _index_of(args, directory)
+    index.layout.check_model(model)
+    surfaces = token_surfaces(model.tokenizer)
+    if args.regex:
+        targets = regex_targets(index, surfaces, args.regex, args.group, args.tokens,
+                                ignore_case=not args.case_sensitive)
+    else:
+        ids = [i for i, s in enumerate(surfaces) if s == args.token]
+        if not ids:
+            raise ValueError(f"no token of the vocabulary is spelled {args.token!r}")
+        targets = token_targets(index, ids)
+    scores = code_search(index, targets, args.top)
+    result = {"pattern": args.regex or args.token, "targets": int(targets.sum()),
+              "codes": [s.to_dict() for s in scores]}
+    lines = [f"{result['targets']} target tokens; codes by F1:",
+             f"  {'code':24} {'precision':>9} {'recall':>7} {'F1':>6} {'hits':>6} {'count':>7}"]
+    lines += [f"  {str(s.ref):24} {s.precision:9.3f} {s.recall:7.3f} {s.score:6.3f} {s.hits:6} "
+              f"{s.count:7}" for s in scores]
+    _print(args, result, "\n".join(lines))
+
+
+# -- topics -----------------------------------------------------------------------------------
+
+
+def _add_topics(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "topics", help="codes that concentrate in documents about a topic",
+        description="Topic search: documents matching the topic's regex are the topic's, and the "
+        "token before each match is a lead-in (where the model is about to write the topic). "
+        "Codes are ranked by how much more often they fire at lead-ins than elsewhere "
+        "(--statistic lead-in) or by document-level precision and recall (--statistic "
+        "document). Several topics share one pass over the corpus. Without --topic, lists the "
+        "model's presets.")
+    _common(parser)
+    parser.add_argument("--topic", nargs="+", metavar="TOPIC",
+                        help="topic name(s); a name is also its regex unless --regex is given")
+    parser.add_argument("--regex", help="regex marking the topic's documents (one topic only)")
+    _data_options(parser, required=False,
+                  what="text files to search (default: the model's index)")
+    parser.add_argument("--index", help="index file (default: the model's)")
+    parser.add_argument("--top", type=int, default=20, help="codes to list")
+    _steering_options(parser, codes=False)
+    parser.add_argument("--save", action="store_true",
+                        help="store the selected codes as each topic's preset in topics.json")
+    parser.set_defaults(func=_run_topics)
+
+
+def _run_topics(args) -> None:
+    from codebook import hub
+    from codebook.topics import load_topics, make_preset, save_topics
+
+    if not args.topic:
+        presets = load_topics(hub.resolve_model_dir(args.model))
+        lines = [f"{name}: /{p['regex']}/ {len(p['codes'])} codes, strength {p.get('strength')}, "
+                 f"mode {p.get('mode')}" for name, p in presets.items()]
+        _print(args, presets, "\n".join(lines) or "this model has no topic presets")
+        return
+    if args.regex and len(args.topic) > 1:
+        raise ValueError("--regex applies to one topic; give each topic its own run")
+    model, directory = _load(args)
+    presets = load_topics(directory)
+    patterns = {topic: _topic_regex(topic, args.regex, presets) for topic in args.topic}
+    found_all = _topic_results(args, model, directory, patterns)
+    results, lines = {}, []
+    for topic, found in found_all.items():
+        steering = _topic_steering(args, model, found)
+        result = {**found.to_dict(), "codes": [c.to_dict() for c in found.codes[:args.top]],
+                  "selected": [str(c) for c in steering.codes], "steering": steering.to_dict()}
+        if args.save:
+            chosen = set(steering.codes)
+            search = {**found.to_dict(),
+                      "codes": [c.to_dict() for c in found.codes if c.ref in chosen],
+                      "corpus": [str(p) for p in args.data] if args.data else "index"}
+            presets[topic] = make_preset(patterns[topic], steering, {"search": search})
+        results[topic] = result
+        score = "enrichment" if found.statistic == "lead-in" else "F1"
+        lines += [f"topic {topic!r} /{patterns[topic]}/: {found.topic_documents} of "
+                  f"{found.documents} documents, {found.lead_ins} lead-in tokens; codes by "
+                  f"{found.statistic} {score} (chance precision {found.chance:.4f}):",
+                  f"  {'code':24} {'precision':>9} {'recall':>7} {score:>10} {'hits':>7} "
+                  f"{'count':>7}"]
+        lines += [f"  {str(s.ref):24} {s.precision:9.4f} {s.recall:7.3f} {s.score:10.4f} "
+                  f"{s.hits:7} {s.count:7}" for s in found.codes[:args.top]]
+        lines.append("selected for steering: " + ", ".join(result["selected"]))
+    if args.save:
+        path = save_topics(directory, presets)
+        lines.append(f"saved preset(s) {', '.join(args.topic)} to {path}")
+    _print(args, results, "\n".join(lines))
+
+
+# -- generate ---------------------------------------------------------------------------------
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="unsteered and steered continuations of a prompt",
+        description="Sample a continuation without and with steering, from the same seed. Steer "
+        "with a topic (its preset, or codes found by topic search when it has none) or codes.")
+    _common(parser)
+    parser.add_argument("--prompt", default="", help="the prompt (default: empty)")
+    parser.add_argument("--steer", dest="topic", metavar="TOPIC", help="topic to steer toward")
+    parser.add_argument("--regex", help="the topic's regex, for a topic without a preset")
+    _steering_options(parser)
+    _data_options(parser, required=False,
+                  what="text files for topic search (default: the model's index)")
+    parser.add_argument("--index", help="index file for topic search (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> None:
+    from codebook.steer_eval import continuation_text, sample
+    from codebook.text import encode_document
+
+    model, directory = _load(args)
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    steering, _, source = _resolve_steering(args, model, directory)
+    prompt_ids = encode_document(model.tokenizer, args.prompt)
+    outputs = {}
+    for name, run in (("unsteered", None), ("steered", steering)):
+        ids = sample(model, prompt_ids, 1, args.max_new_tokens, args.temperature, args.seed, run)
+        outputs[name] = continuation_text(model.tokenizer, prompt_ids, ids[0])
+    result = {"prompt": args.prompt, "seed": args.seed, "codes_source": source,
+              "steering": steering.to_dict(), **outputs}
+    codes = ", ".join(str(c) for c in steering.codes)
+    text = (f"prompt: {args.prompt!r}\n\n--- unsteered ---\n{args.prompt}{outputs['unsteered']}"
+            f"\n\n--- steered ({source}: {codes}; strength {steering.strength}, "
+            f"{steering.mode}) ---\n{args.prompt}{outputs['steered']}")
+    _print(args, result, text)
+
+
+# -- steer-eval -------------------------------------------------------------------------------
+
+
+def _add_steer_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "steer-eval", help="the paper's steering evaluation for a topic",
+        description="Prompts '', 'Once upon a time,', 'Once there was a', 'A long time ago,'; "
+        "samples per prompt with and without steering (pure sampling, same seeds); success = the "
+        "regex appears in the continuation. Reports both rates, fluency (mean per-token loss of "
+        "steered vs unsteered text, steering off) and distinct-2.")
+    _common(parser)
+    parser.add_argument("--topic", help="topic: its preset, else codes from topic search")
+    parser.add_argument("--regex", help="success regex (default: the preset's or the topic word)")
+    _steering_options(parser)
+    _data_options(parser, required=False,
+                  what="text files for topic search (default: the preset, else the index)")
+    parser.add_argument("--index", help="index file for topic search (default: the model's)")
+    parser.add_argument("--samples-per-prompt", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show-samples", action="store_true", help="include the samples")
+    parser.add_argument("--save", action="store_true",
+                        help="record the result in the topic preset's stats (topics.json)")
+    parser.set_defaults(func=_run_steer_eval)
+
+
+def _run_steer_eval(args) -> None:
+    from codebook.steer_eval import steer_eval
+    from codebook.topics import load_topics, make_preset, save_topics
+
+    model, directory = _load(args)
+    steering, regex, source = _resolve_steering(args, model, directory)
+    if regex is None:
+        raise ValueError("say what counts as success: --topic WORD or --regex R")
+    result = steer_eval(model, steering, regex, samples_per_prompt=args.samples_per_prompt,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        seed=args.seed, progress=args.progress, keep_samples=args.show_samples)
+    result = {"topic": args.topic, "codes_source": source, **result}
+    if args.save:
+        if not args.topic:
+            raise ValueError("--save needs --topic: the preset to record the result in")
+        presets = load_topics(directory)
+        stats = dict(presets.get(args.topic, {}).get("stats", {}))
+        stats["steer_eval"] = {k: v for k, v in result.items() if k != "topic"}
+        presets[args.topic] = make_preset(regex, steering, stats)
+        result["saved"] = str(save_topics(directory, presets))
+    base, steered = result["baseline"], result["steered"]
+    fluency = result["fluency_ratio"]
+    lines = [
+        f"topic {args.topic!r} /{regex}/, codes ({source}): "
+        + ", ".join(str(c) for c in steering.codes),
+        f"  strength {steering.strength}, mode {steering.mode}, positions {steering.positions}, "
+        f"{args.samples_per_prompt} samples x {len(result['prompts'])} prompts, "
+        f"{args.max_new_tokens} new tokens, seed {args.seed}",
+        f"  {'':9} {'rate':>6} {'loss':>7} {'distinct-2':>10} {'length':>7}",
+    ]
+    for name, run in (("baseline", base), ("steered", steered)):
+        loss = f"{run['loss']:.3f}" if run["loss"] is not None else "-"
+        diversity = f"{run['distinct_2']:.3f}" if run["distinct_2"] is not None else "-"
+        lines.append(f"  {name:9} {100 * run['rate']:5.1f}% {loss:>7} {diversity:>10} "
+                     f"{run['mean_length']:7.1f}")
+    lines.append("  fluency ratio (steered / baseline loss): "
+                 + (f"{fluency:.3f}" if fluency is not None else "-"))
+    if args.save:
+        lines.append(f"saved to {result['saved']}")
+    _print(args, result, "\n".join(lines))

@@ -1,0 +1,409 @@
+"""The app as visitors and API clients meet it: ``python app.py`` in a subprocess on a free loopback
+port, driven with ``gradio_client`` (and, in the last test, a real browser).
+
+One server serves the whole module (starting one takes seconds). Its start model is the tiny model
+of :func:`tests.test_app_units.build_app_model`; a second copy sits in an offline Hugging Face
+cache as ``someone/tiny-app`` for the model box.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from tests.test_app_units import build_app_model
+
+REPO = Path(__file__).resolve().parents[1]
+READY = "codebook app ready at"
+MAX_NEW_TOKENS = 48
+HUB_REPO = "someone/tiny-app"
+COMMIT = "c" * 40
+PROMPT = "the girl ran to the park"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_hub_cache(cache: Path, repo_id: str, source: Path) -> None:
+    """``source`` as the ``main`` revision of ``repo_id`` in huggingface_hub's cache layout."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    shutil.copytree(source, repo / "snapshots" / COMMIT)
+
+
+@contextlib.contextmanager
+def running_app(model_dir: Path, hub_cache: Path, timeout: float = 180):
+    """``python app.py`` on a free port; yields ``(url, output lines)``, stops it afterwards."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CODEBOOK_MODEL": str(model_dir),
+           "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(free_port()),
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache),
+           "CODEBOOK_APP_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS)}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():  # keeps the pipe drained for the server's whole life
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(READY):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the app did not start:\n" + "".join(lines))
+        url = next(line for line in lines if line.startswith(READY)).split()[-1]
+        yield url, lines
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_app_model(tmp_path_factory.mktemp("app-model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def app(model_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("hub")
+    build_hub_cache(cache, HUB_REPO, model_dir)
+    with running_app(model_dir, cache) as (url, lines):
+        yield url, lines
+
+
+@pytest.fixture(scope="module")
+def client(app) -> Client:
+    return Client(app[0], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def dragon(model_dir) -> list[str]:
+    preset = json.loads((model_dir / "topics.json").read_text())["dragon"]
+    return [f"{c['layer']}:{c['site']}:{c['head']}:{c['code']}" for c in preset["codes"]]
+
+
+def generate(client: Client, prompt=PROMPT, codes=(), strength=4.0, mode="add", positions="all",
+             seed=0, random_seed=False, temperature=0.0, max_tokens=16, highlight="dragon"):
+    return client.submit(prompt, list(codes), strength, mode, positions, seed, random_seed,
+                         temperature, max_tokens, highlight, api_name="/generate")
+
+
+def texts(job) -> dict:
+    """The plain-text result (the hidden JSON output) of a finished generate job."""
+    return job.result()[4]
+
+
+# -- the API ----------------------------------------------------------------------------------
+
+def test_every_public_event_has_a_named_endpoint(client):
+    api = client.view_api(print_info=False, return_format="dict")
+    # Exactly these: every other event (chips, table clicks, tab switches) is private.
+    assert set(api["named_endpoints"]) == {
+        "/generate", "/topic", "/search_topics", "/search_codes", "/code", "/tokens", "/export",
+        "/load_model", "/import_steering"}
+    assert not api["unnamed_endpoints"]
+
+
+def test_generation_streams_both_sides_and_steering_changes_the_text(client, dragon):
+    job = generate(client, codes=dragon, max_tokens=MAX_NEW_TOKENS)
+    result = texts(job)
+    updates = job.outputs()
+    assert len(updates) > 1  # streamed: more than the final update
+    unsteered_html, steered_html = updates[-1][0], updates[-1][1]
+    assert PROMPT in unsteered_html and PROMPT in steered_html
+    assert result["unsteered"] != result["steered"]
+    assert result["steering"]["codes"] == [
+        dict(zip(("layer", "site", "head", "code"), (int(p) if p.isdigit() else p
+                                                      for p in code.split(":")), strict=True))
+        for code in dragon]
+    # Same seed and settings without codes: both sides are the unsteered story.
+    plain = texts(generate(client, codes=[], max_tokens=MAX_NEW_TOKENS))
+    assert plain["unsteered"] == plain["steered"] == result["unsteered"]
+
+
+def test_a_seed_reproduces_a_sampled_pair_and_random_seeds_are_reported(client, dragon):
+    first = texts(generate(client, codes=dragon, seed=77, temperature=1.0))
+    again = texts(generate(client, codes=dragon, seed=77, temperature=1.0))
+    assert first == again
+    fresh = texts(generate(client, codes=dragon, seed=77, random_seed=True, temperature=1.0))
+    replay = texts(generate(client, codes=dragon, seed=fresh["seed"], temperature=1.0))
+    assert (replay["unsteered"], replay["steered"]) == (fresh["unsteered"], fresh["steered"])
+
+
+def test_topic_presets_and_searches_return_codes(client, dragon):
+    chips, strength, mode, positions, highlight, status = client.predict("dragon",
+                                                                         api_name="/topic")
+    assert chips["value"] == dragon and (strength, mode, positions) == (4.0, "add", "all")
+    assert highlight == "dragon" and "dragon" in status
+
+    table, summary, highlight = client.predict("dragon", api_name="/search_topics")
+    assert "15 of 45 indexed stories" in summary and highlight == "dragon"
+    rows = table["data"]
+    assert rows and all(0 <= row[1] <= 1 and 0 <= row[2] <= 1 for row in rows)
+    assert {row[0] for row in rows} >= set(dragon)  # the preset came from this search
+
+    table, summary = client.predict(r"\bdragon\b", api_name="/search_codes")
+    assert "marks 15 of" in summary
+    rows = table["data"]
+    f1 = [row[3] for row in rows]
+    assert rows and f1 == sorted(f1, reverse=True)
+    assert all(row[4] <= row[5] for row in rows)  # hits on targets <= all activations
+
+    layer, site, head, code = dragon[0].split(":")
+    summary, contexts = client.predict(f"{layer}:{site}", int(head), int(code), api_name="/code")
+    assert f"Code `{dragon[0]}`" in summary and "Fires on" in summary and "Promotes" in summary
+    assert contexts.count("<mark>") >= 1
+
+
+def test_the_token_view_lists_each_tokens_codes(client):
+    segments, note, _ = client.predict("the cat sat", "off", api_name="/tokens")
+    assert [s["token"] for s in segments] == ["«start»", " the", " cat", " sat"]
+    assert note.startswith("4 tokens")
+
+
+def test_the_steering_set_imports_from_json(client, dragon):
+    shared = json.dumps({"codes": dragon[:2], "strength": 2.5, "mode": "replace",
+                         "positions": "generated"})
+    chips, strength, mode, positions, status = client.predict(shared,
+                                                              api_name="/import_steering")
+    assert (chips["value"], strength, mode, positions) == (dragon[:2], 2.5, "replace",
+                                                           "generated")
+    assert "2 codes" in status
+
+
+def test_export_returns_a_zip_whose_onnx_model_runs_in_onnxruntime(app, model_dir, dragon,
+                                                                  tmp_path):
+    from cbexport.runtime import CodebookRuntime
+
+    raw = Client(app[0], verbose=False, download_files=False)
+    download, report, snippet = raw.predict("onnx", False, api_name="/export")
+    served = Path(download["value"]["path"])
+    # Served from the app's own temporary directory (Gradio's cache is inside it).
+    assert served.name.endswith("-onnx.zip")
+    assert any(parent.name.startswith("codebook-app-") for parent in served.parents), served
+    assert "Verification passed" in report and "CodebookRuntime" in snippet["value"]
+    response = httpx.get(download["value"]["url"], timeout=60)
+    assert response.status_code == 200
+    archive = tmp_path / "bundle.zip"
+    archive.write_bytes(response.content)
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(tmp_path)
+        top = {Path(name).parts[0] for name in zipped.namelist()}
+    bundle = tmp_path / top.pop()
+    assert (bundle / "model.onnx").is_file() and not (bundle / "model.torchscript.pt").exists()
+
+    runtime = CodebookRuntime(bundle, provider="cpu")
+    steering = runtime.steering(codes=",".join(dragon), strength=4.0)
+    [tokens] = runtime.generate([runtime.encode(PROMPT)], max_new_tokens=12, steering=steering)
+    onnx_text = runtime.tokenizer.decode(tokens)
+    app_text = texts(generate(Client(app[0], verbose=False), codes=dragon, max_tokens=12))
+    # Greedy: the exported model continues the prompt as the app's torch model does.
+    assert onnx_text.startswith(app_text["steered"].strip())
+
+    started = time.monotonic()
+    again = raw.predict("onnx", False, api_name="/export")
+    assert "from the cache" in again[1] and time.monotonic() - started < 20
+
+
+def test_files_outside_the_apps_temporary_directory_are_not_served(app, model_dir):
+    for path in (model_dir / "config.json", Path("/etc/passwd"), REPO / "app.py"):
+        response = httpx.get(f"{app[0]}gradio_api/file={path}", timeout=30)
+        assert response.status_code in (403, 404), (path, response.status_code)
+
+
+# -- bad inputs ---------------------------------------------------------------------------------
+
+GOOD = dict(prompt=PROMPT, codes=("0:attn_heads:0:1",), strength=1.0, mode="add",
+            positions="all", seed=0, random_seed=False, temperature=1.0, max_tokens=8,
+            highlight="")
+
+# Gradio's own range checks answer first for what the sliders and number boxes bound.
+BAD_GENERATIONS = [
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": " \n\t "}, "prompt is empty"),
+    ({"prompt": "x" * 100_000}, "100,000 characters; the limit is 2,000"),
+    ({"prompt": "the " * 125}, "exceed the model's context of 128"),
+    ({"codes": ["9:attn_heads:0:1"]}, "no codebook at layer 9"),
+    ({"codes": ["0:attn_heads:0:999"]}, "code id must be in [0, 32)"),
+    ({"codes": ["0:attn_heads:7:1"]}, "head must be in [0, 4)"),
+    ({"codes": ["the dragon"]}, "cannot parse code"),
+    ({"codes": [f"0:attn_heads:0:{c}" for c in range(5)]}, "only k=4 can be active"),
+    ({"strength": 1e9}, "greater than maximum value 10"),
+    ({"strength": -3}, "less than minimum value 0"),
+    ({"max_tokens": -5}, "less than minimum value 1"),
+    ({"max_tokens": 0}, "less than minimum value 1"),
+    ({"max_tokens": 10**9}, "greater than maximum value 48"),
+    ({"temperature": -1}, "less than minimum value 0"),
+    ({"seed": -1}, "less than minimum value 0"),
+    ({"mode": "sideways"}, "sideways"),
+    ({"positions": "middle"}, "middle"),
+]
+# JSON has no NaN or infinity, so gradio_client cannot send them; a hand-made request can.
+# Infinities fail Gradio's range checks; NaN passes them (every comparison is false) and the
+# app's own check names it.
+NOT_FINITE = [(position, value, message)
+              for position, field in ((2, "strength"), (7, "temperature"), (8, "max new tokens"))
+              for value, message in (("NaN", f"{field} must be a finite number"),
+                                     ("Infinity", "is greater than maximum value"),
+                                     ("-Infinity", "is less than minimum value"))]
+
+BAD_CALLS = [
+    (("",), "/load_model", "the model box is empty"),
+    (("../../etc/passwd",), "/load_model", "loading local directories is disabled"),
+    (("/etc",), "/load_model", "loading local directories is disabled"),
+    (("~/.ssh",), "/load_model", "loading local directories is disabled"),
+    (("someone/missing",), "/load_model", "not in the local Hugging Face cache"),
+    (("someone/tiny-app@../../../etc",), "/load_model", "not a valid revision"),
+    (("https://example.com/owner/name",), "/load_model", "no URL"),
+    (("not a repo id!",), "/load_model", "not a Hub repo id"),
+    (("(unclosed",), "/search_topics", "invalid regex"),
+    (("zebra",), "/search_topics", "none of the 45 indexed stories matches /zebra/"),
+    (("",), "/search_codes", "the regex is empty"),
+    (("0:attn_heads", 99, 0), "/code", "head must be in [0, 4)"),
+    (("0:attn_heads", 0, 10**6), "/code", "code id must be in [0, 32)"),
+    (("{not json",), "/import_steering", "not valid"),
+    (("tflite", False), "/export", "tflite"),
+    (("", "off"), "/tokens", "the text is empty"),
+    (("nope",), "/topic", "no topic preset 'nope'"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_GENERATIONS)
+def test_bad_generation_inputs_give_a_visible_error(client, change, message):
+    args = {**GOOD, **change}
+    with pytest.raises(AppError) as raised:
+        generate(client, **args).result()
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("position, value, message", NOT_FINITE)
+def test_nan_and_infinity_give_a_visible_error(app, position, value, message):
+    data = [json.dumps(v) for v in (PROMPT, ["0:attn_heads:0:1"], 1.0, "add", "all", 0, False,
+                                    1.0, 8, "")]
+    data[position] = value
+    url = app[0] + "gradio_api/call/generate"
+    call = httpx.post(url, content='{"data": [' + ", ".join(data) + "]}",
+                      headers={"content-type": "application/json"}, timeout=30)
+    assert call.status_code == 200, call.text
+    events = httpx.get(f"{url}/{call.json()['event_id']}", timeout=60).text
+    assert "event: error" in events and message in events
+
+
+@pytest.mark.parametrize("args, endpoint, message", BAD_CALLS)
+def test_bad_inputs_to_other_endpoints_give_a_visible_error(client, args, endpoint, message):
+    with pytest.raises(AppError) as raised:
+        client.predict(*args, api_name=endpoint)
+    assert message in str(raised.value)
+
+
+def test_after_all_the_bad_inputs_the_app_still_serves(client, app, dragon):
+    result = texts(generate(client, codes=dragon, max_tokens=4))
+    assert result["unsteered"] and result["steered"]
+    # Tracebacks of Gradio's own input checks are logged; none may come from the app's code.
+    assert not [line for line in app[1] if f"{REPO}/app/" in line]
+
+
+# -- models and load ----------------------------------------------------------------------------
+
+def test_the_model_box_loads_a_hub_repo_and_a_failure_keeps_the_previous_model(app, dragon):
+    session = Client(app[0], verbose=False)
+    outputs = session.predict(HUB_REPO, api_name="/load_model")
+    assert outputs[0] == f"Loaded `{HUB_REPO}`." and HUB_REPO in outputs[1]
+    with pytest.raises(AppError, match="not in the local Hugging Face cache"):
+        session.predict("someone/other", api_name="/load_model")
+    # The session still uses the Hub copy (same weights: same greedy text as the start model).
+    assert texts(generate(session, codes=dragon)) == texts(generate(Client(app[0], verbose=False),
+                                                                    codes=dragon))
+
+
+def test_sixteen_concurrent_clients_all_complete(app, dragon):
+    def one(seed: int) -> dict:
+        return texts(generate(Client(app[0], verbose=False), codes=dragon, seed=seed % 4,
+                              temperature=1.0, max_tokens=24))
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16), timeout=240))
+    assert len(results) == 16 and time.monotonic() - started < 240
+    for i, result in enumerate(results):  # requests interleaved, yet each is its own story
+        assert (result["unsteered"], result["steered"]) == (
+            results[i % 4]["unsteered"], results[i % 4]["steered"])
+
+
+# -- a visitor in a browser ---------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(os.environ.get("CODEBOOK_APP_SCREENSHOTS", REPO / "out" / "app-screenshots"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_a_visitor_steers_a_story_and_downloads_an_export(app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900},
+                                    accept_downloads=True)
+            page.goto(app[0])
+            page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
+            page.get_by_role("button", name="dragon", exact=True).click()
+            expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+            page.get_by_role("button", name="Generate", exact=True).click()
+            expect(page.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
+            stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
+            assert all(story.startswith(PROMPT) and len(story) > len(PROMPT) for story in stories)
+            assert stories[0] != stories[1]  # steered: a random seed, yet the same for both
+            page.screenshot(path=str(SCREENSHOTS / "steer-desktop.png"), full_page=True)
+
+            page.get_by_role("tab", name="Export").click()
+            page.get_by_role("button", name="Build bundle").click()
+            download_button = page.get_by_role("button", name="Download")
+            expect(download_button).to_be_visible(timeout=120_000)
+            with page.expect_download(timeout=60_000) as waiting:
+                download_button.click()
+            saved = tmp_path / waiting.value.suggested_filename
+            waiting.value.save_as(saved)
+            with zipfile.ZipFile(saved) as zipped:
+                assert any(name.endswith("/model.onnx") for name in zipped.namelist())
+            page.screenshot(path=str(SCREENSHOTS / "export-desktop.png"), full_page=True)
+
+            phone = browser.new_page(viewport={"width": 390, "height": 844})
+            phone.goto(app[0])
+            phone.get_by_role("button", name="dragon", exact=True).click()
+            expect(phone.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+            phone.get_by_role("button", name="Generate", exact=True).click()
+            expect(phone.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
+            phone.screenshot(path=str(SCREENSHOTS / "steer-phone.png"), full_page=True)
+        finally:
+            browser.close()

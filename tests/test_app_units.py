@@ -1,0 +1,464 @@
+"""The app's parts without a server: which models a visitor may load, input checks, side-by-side
+generation, highlighting, the token view, export choices, the model tab, settings.
+
+:func:`build_app_model` makes the small model every app test serves: a tiny random Llama with
+per-head codebooks, a word-level tokenizer, a code index over a made-up corpus where every third
+story is about a dragon, and a ``dragon`` topic preset found by topic search over that index.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from app import highlight, inputs
+from app.exporting import parse_formats
+from app.generation import continuation_text, side_by_side
+from app.inputs import InputError
+from app.models import LoadedModel, ModelError, ModelRegistry, check_model_name, load
+from app.settings import Settings
+from app.token_view import token_codes
+from codebook import attach_codebooks
+from codebook.index import INDEX_NAME, Layout, build_index
+from codebook.search import select_codes, topic_search
+from codebook.steer_eval import sample
+from codebook.steering import CodeRef, Steering
+from codebook.text import encode_document, token_surfaces
+from codebook.topics import make_preset, save_topics
+from tests.tiny_models import VOCAB, tiny_base
+
+STORY_WORDS = ["the", "a", "cat", "dog", "girl", "boy", "ran", "sat", "played", "big", "small",
+               "happy", "park", "home", "ball", "tree", ".", ","]
+TOPIC_WORDS = ["dragon", "fire", "cave"]
+WORDS = ["<s>", "</s>", *STORY_WORDS, *TOPIC_WORDS]
+WORDS += [f"w{i}" for i in range(VOCAB - len(WORDS))]
+STRENGTH = 4.0
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No telemetry, no Hub: huggingface_hub reads HF_HUB_OFFLINE once, at import."""
+    from huggingface_hub import constants
+
+    for name, value in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_DISABLE_TELEMETRY", "1"),
+                        ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; more only contend for the shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Whitespace-separated words over the tiny models' 97 ids (BOS 0, EOS 1)."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   unk_token="w0")
+
+
+def corpus(num_docs: int = 45, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for d in range(num_docs):
+        words = list(rng.choice(STORY_WORDS, size=int(rng.integers(8, 16))))
+        if d % 3 == 0:
+            for word in TOPIC_WORDS:
+                words.insert(int(rng.integers(0, len(words) + 1)), word)
+        docs.append(" ".join(words))
+    return docs
+
+
+def build_app_model(directory: Path) -> Path:
+    """Save the app tests' model to ``directory`` (see the module docstring); stop tokens get
+    zero logits, so greedy continuations never end early."""
+    model = attach_codebooks(tiny_base("llama"), tokenizer=word_tokenizer(),
+                             sites=["attn_heads"], num_codes=32, k=4)
+    torch.manual_seed(1)
+    for layer in model.codebook_layers().values():
+        layer.codebook.data.normal_()
+    # Peaked next-token distributions (a random model's are nearly flat, so steering would
+    # rarely change a sampled token), and stop tokens that never win: stories run to the end.
+    unembedding = model.base.lm_head.weight.data
+    unembedding *= 10
+    unembedding[[0, 1]] = 0
+    model.eval()
+    model.save_pretrained(directory)
+    index = build_index(model, corpus(), progress=False)
+    index.save(directory / INDEX_NAME)
+    found = topic_search(index.documents(), index.layout, token_surfaces(model.tokenizer),
+                         {"dragon": "dragon"}, top=40)["dragon"]
+    codes = select_codes(found.codes, Layout.of_model(model), max_codes=4, per_head=1)
+    save_topics(directory, {"dragon": make_preset("dragon", Steering(codes, strength=STRENGTH),
+                                                  {"search": found.to_dict()})})
+    (directory / "README.md").write_text("---\ntags:\n- test\n---\n# Tiny app model\n\nFor tests.")
+    (directory / "eval.json").write_text(json.dumps(
+        {"loss": 4.5, "accuracy": 0.1, "without_codebooks": {"loss": 4.4, "accuracy": 0.11}}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> LoadedModel:
+    return load(str(build_app_model(tmp_path_factory.mktemp("app-model"))))
+
+
+@pytest.fixture(scope="module")
+def dragon(loaded) -> Steering:
+    preset = loaded.topics["dragon"]
+    return Steering(preset["codes"], strength=preset["strength"], mode=preset["mode"])
+
+
+# -- which models a visitor may load ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["default", "owner/name", " owner/name ", "owner/name@v1.0",
+                                  "owner/name@refs/pr/1", "Owner-1/name_2.x@" + "a" * 40])
+def test_the_model_box_accepts_default_and_hub_repo_ids(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert check_model_name(name, roots=()) == name.strip()
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("", "empty"),
+    ("   ", "empty"),
+    ("/etc", "local directories is disabled"),
+    ("/", "local directories is disabled"),
+    ("../../etc/passwd", "local directories is disabled"),
+    ("./secrets", "local directories is disabled"),
+    ("~/.cache/huggingface", "local directories is disabled"),
+    ("..", "local directories is disabled"),
+    ("owner/../../etc", "not a Hub repo id"),
+    ("owner/name/extra", "not a Hub repo id"),
+    ("owner--x/name", "not a Hub repo id"),
+    ("owner/name@../../../etc", "not a valid revision"),
+    ("owner/name@", "not a valid revision"),
+    ("owner/name@a b", "not a valid revision"),
+    ("file:///etc/passwd", "no URL"),
+    ("https://huggingface.co/owner/name", "no URL"),
+    ("C:\\Windows\\System32", "no URL"),
+    ("owner/na\x00me", "control characters"),
+    ("owner/\nname", "control characters"),
+    ("a" * 201, "at most 200 characters"),
+])
+def test_the_model_box_refuses_paths_urls_and_malformed_names(name, problem, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=problem.replace(" ", r"\s")):
+        check_model_name(name, roots=())
+
+
+def test_local_directories_load_only_inside_the_allowed_roots(tmp_path):
+    root, outside = tmp_path / "models", tmp_path / "elsewhere"
+    (root / "mine").mkdir(parents=True)
+    outside.mkdir()
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    roots = (root.resolve(),)
+    assert check_model_name(str(root / "mine"), roots) == str((root / "mine").resolve())
+    for sneaky in (str(outside), str(root / "mine" / ".." / ".." / "elsewhere"),
+                   str(root / "escape")):
+        with pytest.raises(ModelError, match="outside the folders"):
+            check_model_name(sneaky, roots)
+    with pytest.raises(ModelError, match="not found"):
+        check_model_name(str(root / "missing"), roots)
+
+
+def test_a_repo_id_that_also_names_a_local_path_is_refused(tmp_path, monkeypatch):
+    # codebook.hub would load ./owner/name from the working directory instead of the Hub.
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="also names a local path"):
+        check_model_name("owner/name", roots=())
+
+
+def test_a_failed_load_changes_nothing_and_the_start_model_is_never_evicted(loaded, tmp_path):
+    registry = ModelRegistry(Settings(model=str(loaded.directory), max_models=1))
+    start = registry.start_model()
+    with pytest.raises(ModelError, match="cannot load 'someone/missing'"):
+        registry.load_for_visitor("someone/missing")
+    assert registry.start_model() is start
+    other = tmp_path / "other"
+    build_app_model(other)
+    registry.settings = Settings(model=str(loaded.directory), max_models=1,
+                                 model_roots=(tmp_path.resolve(),))
+    assert registry.load_for_visitor(str(other)).directory == other.resolve()
+    assert registry.start_model() is start  # over max_models, yet kept
+
+
+def test_settings_come_from_the_environment_and_bad_values_name_the_variable(monkeypatch):
+    monkeypatch.setenv("CODEBOOK_MODEL", "owner/name@v2")
+    monkeypatch.setenv("CODEBOOK_APP_MAX_NEW_TOKENS", "64")
+    monkeypatch.setenv("CODEBOOK_APP_MODEL_ROOTS", os.pathsep.join(["/tmp", "/srv/models"]))
+    settings = Settings.from_env()
+    assert (settings.model, settings.max_new_tokens) == ("owner/name@v2", 64)
+    assert settings.model_roots == (Path("/tmp").resolve(), Path("/srv/models").resolve())
+    monkeypatch.setenv("CODEBOOK_APP_CONCURRENCY", "many")
+    with pytest.raises(ValueError, match="CODEBOOK_APP_CONCURRENCY must be an integer"):
+        Settings.from_env()
+
+
+# -- input checks ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, problem", [
+    (math.nan, "finite"), (math.inf, "finite"), (-math.inf, "finite"), ("strong", "a number"),
+    (None, "a number"), (101, "between"), (-101, "between"),
+])
+def test_strength_must_be_a_finite_number_in_range(loaded, value, problem):
+    with pytest.raises(InputError, match=problem):
+        inputs.steering(loaded, ["0:attn_heads:0:1"], value, "add", "all")
+
+
+def test_integers_must_be_whole_and_in_range():
+    assert inputs.integer("12", "seed", 0, 20) == 12
+    with pytest.raises(InputError, match="whole number"):
+        inputs.integer(1.5, "max new tokens", 1, 10)
+    with pytest.raises(InputError, match="between 1 and 64"):
+        inputs.max_new_tokens(-5, 64)
+    with pytest.raises(InputError, match="between 1 and 64"):
+        inputs.max_new_tokens(10**9, 64)
+    assert 0 <= inputs.seed("not even looked at", random_seed=True) <= inputs.MAX_SEED
+
+
+def test_prompts_must_be_non_empty_short_and_fit_the_context(loaded):
+    assert inputs.prompt_ids(loaded, "the cat", 100, 10) == [0, 2, 4]
+    with pytest.raises(InputError, match="prompt is empty"):
+        inputs.prompt_ids(loaded, "  \n", 100, 10)
+    with pytest.raises(InputError, match="100,000 characters; the limit is 2,000"):
+        inputs.prompt_ids(loaded, "a" * 100_000, 2000, 10)
+    with pytest.raises(InputError, match="exceed the model's context of 128"):
+        inputs.prompt_ids(loaded, "the cat", 100, 126)
+
+
+@pytest.mark.parametrize("codes, problem", [
+    (["9:attn_heads:0:1"], "no codebook at layer 9"),
+    (["0:mlp_out:0:1"], "no codebook at layer 0 site 'mlp_out'"),
+    (["0:attn_heads:4:1"], r"head must be in \[0, 4\)"),
+    (["0:attn_heads:0:32"], r"code id must be in \[0, 32\)"),
+    (["0:attn_heads:0:-1"], "cannot parse code"),
+    (["dragon"], "cannot parse code"),
+    ([f"0:attn_heads:0:{c}" for c in range(5)], "only k=4 can be active"),
+    ([f"0:attn_heads:{c % 4}:{c}" for c in range(65)], "limit is 64"),
+])
+def test_steering_codes_must_exist_in_the_model(loaded, codes, problem):
+    with pytest.raises(InputError, match=problem):
+        inputs.steering(loaded, codes, 1.0, "add", "all")
+
+
+def test_steering_json_round_trips_and_bad_json_is_named(loaded, dragon):
+    assert inputs.steering_json(loaded, dragon.to_json()) == dragon
+    for text, problem in [("", "paste a steering set"), ("{not json", "not valid"),
+                          ('["0:attn_heads:0:1"]', "must be an object"),
+                          ('{"codes": [], "strength": 1}', "has no codes"),
+                          ('{"codes": ["0:attn_heads:0:1"], "mode": "sideways"}', "mode"),
+                          ('{"codes": ["0:attn_heads:0:1"], "block": ["0:attn_heads:0:2"]}',
+                           "blocked codes"),
+                          ('{"codes": ["0:attn_heads:0:1"], "colour": "red"}', "unknown")]:
+        with pytest.raises(InputError, match=problem):
+            inputs.steering_json(loaded, text)
+    assert inputs.steering(loaded, [], 1.0, "add", "all") is None
+
+
+def test_regexes_must_compile_and_stay_short():
+    assert inputs.regex(" dragon ") == "dragon"
+    for pattern, problem in [("", "empty"), ("(", "invalid regex"), ("a" * 201, "limit is 200")]:
+        with pytest.raises(InputError, match=problem):
+            inputs.regex(pattern)
+
+
+# -- generation -----------------------------------------------------------------------------------
+
+def last(iterator):
+    return collections.deque(iterator, maxlen=1)[0]
+
+
+def test_greedy_side_by_side_equals_generate_with_and_without_steering(loaded, dragon):
+    ids = encode_document(loaded.tokenizer, "the girl ran to the park")
+    unsteered, steered = last(side_by_side(loaded, ids, dragon, 0, 0.0, 20))
+    prompt = torch.tensor([ids])
+    plain = loaded.model.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None)
+    forced = loaded.model.generate(prompt, steering=dragon, max_new_tokens=20, do_sample=False,
+                                   eos_token_id=None)
+    # A side stops at an end-of-story token; generate (told not to stop) goes on past it.
+    assert unsteered == plain[0, len(ids):len(ids) + len(unsteered)].tolist()
+    assert steered == forced[0, len(ids):len(ids) + len(steered)].tolist()
+    assert unsteered != steered
+
+
+def test_sampling_with_a_seed_is_the_cli_protocol_and_differs_only_by_steering(loaded, dragon):
+    ids = encode_document(loaded.tokenizer, "a dog sat")
+    unsteered, steered = last(side_by_side(loaded, ids, dragon, 1234, 1.0, 30))
+    assert unsteered == sample(loaded.model, ids, 1, 30, 1.0, 1234)[0][:len(unsteered)]
+    assert steered == sample(loaded.model, ids, 1, 30, 1.0, 1234, dragon)[0][:len(steered)]
+    again = last(side_by_side(loaded, ids, dragon, 1234, 1.0, 30))
+    assert again == (unsteered, steered)
+
+
+def test_without_steering_both_sides_are_one_computation(loaded):
+    ids = encode_document(loaded.tokenizer, "the cat")
+    steps = list(side_by_side(loaded, ids, None, 5, 1.0, 12))
+    assert all(a is b for a, b in steps)  # the same list: computed once
+    assert 1 <= len(steps) <= 12
+
+
+def test_each_step_yields_one_more_token_per_side_so_the_app_can_stream(loaded, dragon):
+    ids = encode_document(loaded.tokenizer, "the cat")
+    lengths = [(len(a), len(b)) for a, b in side_by_side(loaded, ids, dragon, 0, 0.0, 8)]
+    final_a, final_b = lengths[-1]
+    assert lengths == [(min(i, final_a), min(i, final_b)) for i in range(1, len(lengths) + 1)]
+    assert len(lengths) == max(final_a, final_b) + (max(final_a, final_b) < 8)
+
+
+def test_continuation_text_is_what_follows_the_prompt(loaded):
+    ids = encode_document(loaded.tokenizer, "the cat")
+    tokens = loaded.tokenizer("sat . dragon", add_special_tokens=False)["input_ids"]
+    assert continuation_text(loaded, ids, tokens) == " sat . dragon"
+
+
+# -- highlighting ---------------------------------------------------------------------------------
+
+def test_topic_words_are_marked_and_everything_is_escaped():
+    pattern = highlight.topic_pattern("dragon|fire")
+    html = highlight.story_html("<b>Once</b>", " a Dragon & fire<script>", pattern)
+    assert "<b>" not in html and "<script>" not in html
+    assert "&lt;b&gt;Once&lt;/b&gt;" in html
+    assert "<mark>Dragon</mark> &amp; <mark>fire</mark>&lt;script&gt;" in html
+    assert highlight.count_matches("dragon, fire, DRAGON", pattern) == 3
+    assert highlight.topic_pattern("(unclosed") is None and highlight.topic_pattern("") is None
+    assert highlight.count_matches("aaa", highlight.topic_pattern("x*")) == 0  # empty matches
+
+
+# -- token view -----------------------------------------------------------------------------------
+
+def test_token_view_shows_the_codes_of_each_token_and_which_were_forced(loaded, dragon):
+    ids = encode_document(loaded.tokenizer, "the cat sat . the dog ran")
+    generated = Steering(dragon.codes, strength=dragon.strength, positions="generated")
+    view = token_codes(loaded, ids, prompt_length=4, steering=generated)
+    assert view.tokens[:3] == ["", " the", " cat"]  # surfaces: the text each token adds
+    with torch.no_grad(), loaded.model.steer(generated, prompt_length=4), \
+            loaded.model.capture_codes() as captured:
+        loaded.model(torch.tensor([ids]))
+    for key, calls in captured.items():
+        assert np.array_equal(view.codes[key], calls[0][0].numpy())
+    forced = {(c.layer, c.head, c.code) for c in dragon.codes}
+    for position in range(len(ids)):
+        rows = view.rows(position)
+        assert len(rows) == 2 * 4  # two layers of four heads
+        marked = {(r["layer"], r["head"], c) for r in rows for c in r["forced"]}
+        # Forced codes fire at every generated position and are marked only there.
+        assert marked == (forced if position >= 4 else set())
+        if position >= 4:
+            assert all(c in r["codes"] for r in rows for c in r["forced"])
+
+
+# -- export choices, model tab, ZeroGPU -----------------------------------------------------------
+
+def test_export_formats_are_onnx_torchscript_or_both():
+    assert parse_formats("both") == ["onnx", "torchscript"]
+    assert parse_formats(["torchscript", "onnx"]) == ["onnx", "torchscript"]
+    assert parse_formats("onnx") == ["onnx"]
+    for bad in ("", "tflite", None, ["onnx", "pickle"]):
+        with pytest.raises(InputError, match="choose the export format"):
+            parse_formats(bad)
+
+
+def test_the_model_tab_shows_the_card_without_front_matter_and_the_metrics(loaded, tmp_path):
+    from app import model_info
+
+    assert model_info.card(loaded).startswith("# Tiny app model")
+    facts = model_info.facts(loaded)
+    assert "LlamaForCausalLM, 2 layers" in facts and "32 codes each" in facts
+    assert "dragon" in facts and "loss 4.500" in facts and "loss 4.400" in facts
+    (loaded.directory / "loss.png").write_bytes(b"\x89PNG fake")
+    try:
+        plots = model_info.plots(loaded, tmp_path / "served")
+    finally:
+        (loaded.directory / "loss.png").unlink()
+    assert plots["code_usage.png"] is None
+    assert Path(plots["loss.png"]).parent.parent == tmp_path / "served"
+
+
+def test_the_gpu_decorator_is_spaces_gpu_on_zero_gpu_and_a_no_op_elsewhere(monkeypatch):
+    from app import gpu
+
+    def fn():
+        return 1
+
+    monkeypatch.setattr(gpu, "spaces", None)
+    assert gpu.gpu(duration=10)(fn) is fn
+    calls = []
+
+    class FakeSpaces:
+        @staticmethod
+        def GPU(duration):
+            calls.append(duration)
+            return lambda f: ("wrapped", f)
+
+    monkeypatch.setattr(gpu, "spaces", FakeSpaces)
+    assert gpu.gpu(duration=10)(fn) == ("wrapped", fn) and calls == [10]
+
+
+def test_a_failed_export_names_the_problem_and_leaves_no_zip(tmp_path):
+    from app.exporting import ExportCache
+
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text("{}")
+    cache = ExportCache(tmp_path / "exports")
+    with pytest.raises(InputError, match="export failed: .*has no codebook_config.json"):
+        cache.build(_Stub("broken", not_a_model), ["onnx"], False)
+    assert not list((tmp_path / "exports").rglob("*.zip"))
+
+
+class _Stub:
+    """What the export cache reads of a loaded model: its name and directory."""
+
+    def __init__(self, name: str, directory: Path):
+        self.name, self.directory = name, directory
+
+
+# -- analysis over the index ----------------------------------------------------------------------
+
+def test_searches_and_code_details_read_the_models_index(loaded, dragon):
+    from app import analysis
+
+    rows, summary = analysis.topic_search(loaded, "dragon", top=40)
+    assert summary.startswith("15 of 45 indexed stories match /dragon/")
+    assert {r["name"] for r in rows} >= {str(c) for c in dragon.codes}
+    assert all(r["example"].count("[") >= 1 for r in rows if r["count"])
+    rows, summary = analysis.code_search(loaded, r"\bfire\b")
+    assert "marks 15 of" in summary
+    assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    details = analysis.code_details(loaded, dragon.codes[0])
+    assert details["count"] > 0 and len(details["contexts"]) == min(12, details["count"])
+    assert len(details["promoted_tokens"]) == 12
+    with pytest.raises(InputError, match="none of the 45 indexed stories matches /zebra/"):
+        analysis.topic_search(loaded, "zebra")
+    with pytest.raises(InputError, match=r"code id must be in \[0, 32\)"):
+        analysis.code_details(loaded, CodeRef(0, "attn_heads", 0, 99))
+
+
+def test_without_an_index_searches_say_so_and_codes_still_show_what_they_promote(tmp_path):
+    from app import analysis
+
+    directory = build_app_model(tmp_path / "model")
+    (directory / INDEX_NAME).unlink()
+    bare = load(str(directory))
+    for search in (analysis.topic_search, analysis.code_search):
+        with pytest.raises(analysis.NoIndexError, match="has no code index"):
+            search(bare, "dragon")
+    details = analysis.code_details(bare, CodeRef(1, "attn_heads", 2, 3))
+    assert details["count"] is None and details["contexts"] is None
+    assert len(details["promoted_tokens"]) == 12
