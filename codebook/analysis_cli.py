@@ -19,11 +19,13 @@ import json
 
 from codebook.text import FORMATS
 
-# Topic search settings for topics without a preset: how many of the best codes to force, at
-# most how many per head, and how. See the report in topics.json "stats" for how they were set.
-TOPIC_MAX_CODES = 8
+# Steering from a topic search: how many of the best codes to force, at most how many per head,
+# and how. Chosen by measurement on the default model (one code in each of the 40 heads, forced
+# at 1.5x: the strongest steering whose text stayed within 1.3x the unsteered loss); a topic's
+# preset may carry its own strength.
+TOPIC_MAX_CODES = 40
 TOPIC_PER_HEAD = 1
-TOPIC_STRENGTH = 1.0
+TOPIC_STRENGTH = 1.5
 TOPIC_MODE = "add"
 
 
@@ -346,7 +348,7 @@ def _run_topics(args) -> None:
         score = "enrichment" if found.statistic == "lead-in" else "F1"
         lines += [f"topic {topic!r} /{patterns[topic]}/: {found.topic_documents} of "
                   f"{found.documents} documents, {found.lead_ins} lead-in tokens; codes by "
-                  f"{found.statistic} {score} (chance precision {found.chance:.4f}):",
+                  f"{found.statistic} {score} (chance precision {found.chance:.2g}):",
                   f"  {'code':24} {'precision':>9} {'recall':>7} {score:>10} {'hits':>7} "
                   f"{'count':>7}"]
         lines += [f"  {str(s.ref):24} {s.precision:9.4f} {s.recall:7.3f} {s.score:10.4f} "
@@ -446,7 +448,8 @@ def _run_steer_eval(args) -> None:
             raise ValueError("--save needs --topic: the preset to record the result in")
         presets = load_topics(directory)
         stats = dict(presets.get(args.topic, {}).get("stats", {}))
-        stats["steer_eval"] = {k: v for k, v in result.items() if k != "topic"}
+        # The preset holds the steering itself; the stats keep what was measured with it.
+        stats["steer_eval"] = {k: v for k, v in result.items() if k not in ("topic", "steering")}
         presets[args.topic] = make_preset(regex, steering, stats)
         result["saved"] = str(save_topics(directory, presets))
     base, steered = result["baseline"], result["steered"]
