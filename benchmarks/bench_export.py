@@ -7,9 +7,7 @@ side. Each figure is the best of ``--repeats`` runs after a warm-up. Run:
 
     python benchmarks/bench_export.py [--model default] [--threads 2]
 
-Without ``--model`` it uses the embedded ``default`` model; while that is missing, a stand-in with
-the same architecture: llama2.c's stories260K from ../shared with random codebooks of the
-training defaults (per-head attention codebooks, 256 codes, k=8), which times the same work.
+Without ``--model`` it uses the embedded ``default`` model.
 """
 
 from __future__ import annotations
@@ -28,23 +26,7 @@ sys.path.insert(0, str(REPO))
 from cbexport.bundle import export_bundle  # noqa: E402
 from cbexport.runtime import CodebookRuntime  # noqa: E402
 from cbexport.verify import torch_generate, torch_steering, verification_steering  # noqa: E402
-from codebook import CodebookModel, attach_codebooks, hub  # noqa: E402
-
-STORIES260K = REPO.parent / "shared" / "models" / "stories260K" / "stories260K.bin"
-
-
-def load_model(name: str | None) -> tuple[CodebookModel, str]:
-    if name or (hub.DEFAULT_MODEL_DIR / "codebook_config.json").is_file():
-        name = name or "default"
-        return CodebookModel.from_pretrained(name, dtype=torch.float32), name
-    if not STORIES260K.is_file():
-        sys.exit("the default model is missing and ../shared has no stories260K: pass --model")
-    from training.llama2c import load_llama2c
-
-    torch.manual_seed(0)
-    base, tokenizer = load_llama2c(f"llama2c:{STORIES260K}")
-    model = attach_codebooks(base, tokenizer=tokenizer, sites=["attn_heads"], num_codes=256, k=8)
-    return model.eval(), "stand-in: stories260K + random codebooks (256 codes, k=8, attn_heads)"
+from codebook import CodebookModel  # noqa: E402
 
 
 def best_time(fn, repeats: int, *args, **kwargs) -> float:
@@ -59,7 +41,8 @@ def best_time(fn, repeats: int, *args, **kwargs) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="codebook model (default: the embedded one)")
+    parser.add_argument("--model", default="default",
+                        help="codebook model: default (the embedded one), a directory or a Hub id")
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -69,7 +52,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, label = load_model(args.model)
+    model = CodebookModel.from_pretrained(args.model, dtype=torch.float32).eval()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
         start = time.perf_counter()
@@ -94,7 +77,7 @@ def main() -> None:
                              tokens / t_onnx, t_torch / t_onnx))
         sizes = manifest["file_sizes"]
 
-    print(f"model: {label}")
+    print(f"model: {args.model}")
     print(f"threads: {args.threads or 'default'} (torch {torch.get_num_threads()}); "
           f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, "
           f"best of {args.repeats}; steering: {', '.join(map(str, spec.codes))} "

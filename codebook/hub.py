@@ -47,10 +47,14 @@ def resolve_model_dir(
         raise ValueError(f"{name} is a file, not a model directory")
     if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model directory not found: {name}")
-    return _download(name, revision, token, allow_patterns or HUB_PATTERNS)
+    return download_snapshot(name, revision, token, allow_patterns or HUB_PATTERNS)
 
 
-def _download(name: str, revision: str | None, token, allow_patterns: list[str]) -> Path:
+def download_snapshot(name: str, revision: str | None = None, token: str | bool | None = None,
+                      allow_patterns: list[str] | None = None, repo_type: str = "model") -> Path:
+    """The local snapshot folder of Hub repo ``name`` (``owner/name[@revision]``), fetching the
+    files that match ``allow_patterns``; with ``HF_HUB_OFFLINE=1`` only the local cache is read.
+    ``repo_type`` is ``"model"`` or ``"dataset"``."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HFValidationError,
@@ -62,20 +66,21 @@ def _download(name: str, revision: str | None, token, allow_patterns: list[str])
 
     repo_id, at_revision = split_revision(name)
     revision = revision or at_revision
+    kind = "Hub repo" if repo_type == "model" else f"Hub {repo_type}"
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise ValueError(
-            f"{name!r} is neither a local directory nor a valid Hub repo id ({err})"
-        ) from None
+        what = "a local directory" if repo_type == "model" else "a local file"
+        raise ValueError(f"{name!r} is neither {what} nor a valid Hub repo id ({err})") from None
     try:
         path = snapshot_download(
-            repo_id, revision=revision, allow_patterns=allow_patterns, token=token
+            repo_id, revision=revision, allow_patterns=allow_patterns, token=token,
+            repo_type=repo_type,
         )
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"Hub repo {repo_id!r} not found (or private)") from None
+        raise FileNotFoundError(f"{kind} {repo_id!r} not found (or private)") from None
     except RevisionNotFoundError:
-        raise FileNotFoundError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
+        raise FileNotFoundError(f"{kind} {repo_id!r} has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "

@@ -16,17 +16,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMITS = {"main": "a" * 40, "v1": "b" * 40}
 
 
-def build_hub_cache(cache: Path, repo_id: str, revisions: dict[str, Path]) -> None:
-    """Lay out a model repo in huggingface_hub's cache format (refs → snapshots/<commit>)."""
-    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+def build_hub_cache(cache: Path, repo_id: str, revisions: dict[str, Path],
+                    repo_type: str = "model") -> None:
+    """Lay out a repo in huggingface_hub's cache format (refs → snapshots/<commit>), copying each
+    revision's files (subfolders included) from its source folder."""
+    repo_dir = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
     for revision, source in revisions.items():
         commit = COMMITS[revision]
         (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
         (repo_dir / "refs" / revision).write_text(commit)
         snapshot = repo_dir / "snapshots" / commit
         snapshot.mkdir(parents=True)
-        for file in source.iterdir():
-            (snapshot / file.name).write_bytes(file.read_bytes())
+        for file in source.rglob("*"):
+            if file.is_file():
+                target = snapshot / file.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(file.read_bytes())
 
 
 LOADER = """

@@ -75,3 +75,96 @@ def test_data_order_is_a_function_of_the_step_and_splits_across_processes():
     epoch = [i for step in range(37) for i in read(step, 0, 0, 1, 1, 1)]
     assert sorted(epoch) == list(range(37))
     assert [i for s in range(37, 74) for i in read(s, 0, 0, 1, 1, 1)] != epoch
+
+
+# -- Hub datasets --------------------------------------------------------------------------------
+
+TINYSTORIES_FILES = ["README.md", "TinyStories-train.txt", "TinyStories-valid.txt",
+                     "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt",
+                     "TinyStories_all_data.tar.gz",
+                     "data/train-00000-of-00004-2d5a1467fff1081b.parquet",
+                     "data/train-00001-of-00004-5852b56a2bd28fd9.parquet",
+                     "data/validation-00000-of-00001-869c898b519ad725.parquet"]
+
+
+@pytest.mark.parametrize("selector, kind, expected", [
+    ("train", "split", TINYSTORIES_FILES[6:8]),  # the parquet copy, not the .txt one as well
+    ("validation", "split", TINYSTORIES_FILES[8:]),
+    ("TinyStoriesV2-GPT4-valid.txt", "files", ["TinyStoriesV2-GPT4-valid.txt"]),
+    ("TinyStories-*.txt", "files", ["TinyStories-train.txt", "TinyStories-valid.txt"]),
+    ("test", "split", []),
+])
+def test_hub_data_files_are_chosen_by_split_and_format(selector, kind, expected):
+    assert data.parse_hub_source(f"roneneldan/TinyStories:{selector}")[1:] == (selector, kind)
+    assert data.choose_data_files(TINYSTORIES_FILES, selector, kind) == expected
+
+
+def test_a_hub_repo_without_split_names_is_all_train():
+    files = ["stories.jsonl", "notes/constraint.txt"]
+    assert data.choose_data_files(files, "train", "split") == ["stories.jsonl"]
+    assert data.choose_data_files(files, "validation", "split") == []
+    assert data.parse_hub_source("me/set@v1") == ("me/set@v1", "train", "split")
+
+
+HUB_READER = """
+import json, sys
+from training.data import read_documents
+results = {}
+for source in sys.argv[1:]:
+    try:
+        results[source] = read_documents([source])
+    except Exception as err:
+        results[source] = f"{type(err).__name__}: {err}"
+print(json.dumps(results))
+"""
+
+
+def test_hub_datasets_are_read_through_the_offline_cache(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_hub import REPO_ROOT, build_hub_cache
+
+    main, v1 = tmp_path / "main", tmp_path / "v1"
+    (main / "data").mkdir(parents=True)
+    (main / "README.md").write_text("# stories\n")
+    pq.write_table(pa.table({"text": ["A cat sat.", "  ", "A dog ran."], "id": [1, 2, 3]}),
+                   main / "data" / "train-00000-of-00001.parquet")
+    (main / "data" / "train.txt").write_text("The same stories as text.\n")  # parquet wins
+    (main / "data" / "validation.jsonl").write_text(
+        '{"text": "Held out one."}\n{"story": "no text column here"}\n')
+    (main / "extra.csv").write_text('text,label\n"Extra, with a comma.",1\n')
+    (v1 / "data").mkdir(parents=True)
+    (v1 / "data" / "train.txt").write_text("Old one.\n<|endoftext|>\nOld two.\n")
+    cache = tmp_path / "hub"
+    build_hub_cache(cache, "tester/stories", {"main": main, "v1": v1}, repo_type="dataset")
+    sources = ["hf:tester/stories", "hf:tester/stories:validation", "hf:tester/stories:extra.csv",
+               "hf:tester/stories@v1", "hf:tester/stories:test", "hf:tester/missing",
+               "hf:tester/stories@v2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", HUB_READER, *sources], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["hf:tester/stories"] == ["A cat sat.", "A dog ran."]
+    assert results["hf:tester/stories:validation"] == ["Held out one."]
+    assert results["hf:tester/stories:extra.csv"] == ["Extra, with a comma."]
+    assert results["hf:tester/stories@v1"] == ["Old one.", "Old two."]
+    assert results["hf:tester/stories:test"].startswith("ValueError: Hub dataset 'tester/stories' "
+                                                        "has no data files for the split 'test'")
+    for missing in ("hf:tester/missing", "hf:tester/stories@v2"):
+        assert results[missing].startswith("FileNotFoundError"), results[missing]
+        assert "not in the local Hugging Face cache" in results[missing]
+
+
+def test_a_hub_file_without_the_text_column_names_its_columns(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"story": "x", "id": 1}\n')
+    with pytest.raises(ValueError, match=r"no column 'text'; its columns are \['id', 'story'\]"):
+        data._file_documents(path, "auto", "text", "rows.jsonl of Hub dataset 'a/b'")
+    assert data._file_documents(path, "auto", "story", "rows.jsonl") == ["x"]

@@ -38,7 +38,8 @@ class FinetuneConfig:
     """Everything a finetuning run depends on (each field's help is its CLI help)."""
 
     base: str = option(help="base model: Hub repo id, local HF directory or llama2c:PATH.bin")
-    data: list[str] = option(help="text files, folders of .txt files, or hf:DATASET[:SPLIT]")
+    data: list[str] = option(help="text files, folders of .txt files, or Hub datasets: "
+                             "hf:OWNER/NAME[@REV][:SPLIT or FILE-GLOB]")
     output: str = option(help="directory for the final model, card, metrics and plots")
     val_data: list[str] = option(list, "validation text (default: held out from --data)",
                                  factory=True)

@@ -11,8 +11,11 @@ the first is predicted exactly once: the basis of an exact bits-per-byte figure.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import fnmatch
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -65,7 +68,7 @@ def check_sources(sources: list[str]) -> None:
         raise ValueError("no training data given: pass --data FILE (or hf:DATASET)")
     for source in sources:
         if source.startswith(HUB_PREFIX):
-            if not source[len(HUB_PREFIX):].strip():
+            if not parse_hub_source(source[len(HUB_PREFIX):])[0]:
                 raise ValueError(f"{source!r} names no dataset: write hf:OWNER/NAME[:SPLIT]")
             continue
         path = Path(source).expanduser()
@@ -78,13 +81,14 @@ def check_sources(sources: list[str]) -> None:
 
 
 def read_documents(sources: list[str], fmt: str = "auto", text_column: str = "text") -> list[str]:
-    """Documents from text files, folders of ``.txt`` files and ``hf:NAME[:SPLIT]`` datasets, with
-    exact duplicates (after whitespace normalisation) removed, first occurrence kept."""
+    """Documents from text files, folders of ``.txt`` files and Hub datasets
+    (``hf:OWNER/NAME[@REVISION][:SPLIT or FILE]``), with exact duplicates (after whitespace
+    normalisation) removed, first occurrence kept."""
     check_sources(sources)
     documents: list[str] = []
     for source in sources:
         if source.startswith(HUB_PREFIX):
-            documents += _hub_documents(source[len(HUB_PREFIX):], text_column)
+            documents += _hub_documents(source[len(HUB_PREFIX):], fmt, text_column)
             continue
         path = Path(source).expanduser()
         files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
@@ -106,24 +110,123 @@ def read_documents(sources: list[str], fmt: str = "auto", text_column: str = "te
     return deduplicated
 
 
-def _hub_documents(spec: str, text_column: str) -> list[str]:
-    """One split of a Hugging Face dataset (``NAME`` or ``NAME:SPLIT``, default ``train``)."""
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"reading the Hub dataset {spec!r} needs the optional 'datasets' package: "
-            "pip install datasets"
-        ) from None
-    name, _, split = spec.partition(":")
-    try:
-        table = datasets.load_dataset(name, split=split or "train")
-    except Exception as err:  # datasets raises many types (network, missing split, ...)
-        raise ValueError(f"cannot load Hub dataset {name!r}: {err}") from None
-    if text_column not in table.column_names:
-        raise ValueError(f"Hub dataset {name!r} has no column {text_column!r}; "
-                         f"its columns are {table.column_names} (choose one with --text-column)")
-    return [text.strip() for text in table[text_column] if text and text.strip()]
+# Data files of a Hub dataset repo, in order of preference: when a split has files in several
+# formats (TinyStories ships the same stories as .txt and .parquet), one format is read.
+HUB_DATA_FORMATS = (".parquet", ".jsonl", ".json", ".csv", ".txt")
+# Split names as the Hub's data-file conventions spell them in file and folder names.
+SPLIT_KEYWORDS = {"train": ("train", "training"),
+                  "validation": ("validation", "valid", "val", "dev"),
+                  "test": ("test", "testing", "eval", "evaluation")}
+
+
+def parse_hub_source(spec: str) -> tuple[str, str, str]:
+    """``OWNER/NAME[@REVISION][:SPLIT or FILE]`` → ``(repo with revision, selector, kind)``: the
+    selector is a split name (default ``train``, ``kind == "split"``) or, when it holds a ``.``,
+    ``/`` or ``*``, a file path or glob inside the repo (``kind == "files"``)."""
+    repo, _, selector = spec.strip().partition(":")
+    selector = selector.strip() or "train"
+    kind = "files" if any(c in selector for c in "./*") else "split"
+    return repo.strip(), selector, kind
+
+
+def _in_split(path: str, split: str) -> bool:
+    keywords = SPLIT_KEYWORDS.get(split, (split,))
+    name = path.lower()
+    return any(re.search(rf"(^|[-._ 0-9/]){re.escape(word)}($|[-._ 0-9/])", name)
+               for word in keywords)
+
+
+def choose_data_files(files: list[str], selector: str, kind: str) -> list[str]:
+    """The repo files to read for a split (one format, see :data:`HUB_DATA_FORMATS`) or a glob.
+    A repo whose file names mark no split at all is all ``train``."""
+    data = sorted(f for f in files if f.lower().endswith(HUB_DATA_FORMATS)
+                  and not Path(f).name.startswith(("dataset_info", ".")))
+    if kind == "files":
+        return [f for f in data if fnmatch.fnmatch(f, selector)]
+    chosen = [f for f in data if _in_split(f, selector)]
+    if not chosen and selector == "train" and not any(
+            _in_split(f, other) for f in data for other in SPLIT_KEYWORDS):
+        chosen = data
+    for ext in HUB_DATA_FORMATS:
+        in_format = [f for f in chosen if f.lower().endswith(ext)]
+        if in_format:
+            return in_format
+    return []
+
+
+def _hub_documents(spec: str, fmt: str, text_column: str) -> list[str]:
+    """The documents of one split (or file glob) of a Hugging Face dataset repo, fetched with
+    ``huggingface_hub`` (so ``HF_HUB_OFFLINE=1`` reads the local cache alone)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import DryRunError
+
+    from codebook.hub import download_snapshot
+
+    repo, selector, kind = parse_hub_source(spec)
+    patterns = [f"*{ext}" for ext in HUB_DATA_FORMATS]
+    repo_id, _, revision = repo.partition("@")
+    try:  # list the repo's files without downloading them
+        listing = snapshot_download(repo_id, repo_type="dataset", revision=revision or None,
+                                    allow_patterns=patterns, dry_run=True)
+        files = [info.filename for info in listing]
+    except DryRunError:  # offline: the cached snapshot is the listing
+        folder = download_snapshot(repo, allow_patterns=patterns, repo_type="dataset")
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    chosen = choose_data_files(files, selector, kind)
+    if not chosen:
+        what = f"split {selector!r}" if kind == "split" else f"files matching {selector!r}"
+        shown = ", ".join(sorted(f for f in files if f.lower().endswith(HUB_DATA_FORMATS))[:20])
+        raise ValueError(f"Hub dataset {repo_id!r} has no data files for the {what}; "
+                         f"its data files: {shown or 'none'} (write hf:{repo_id}:SPLIT or "
+                         f"hf:{repo_id}:FILE)")
+    folder = download_snapshot(repo, allow_patterns=chosen, repo_type="dataset")
+    documents: list[str] = []
+    for name in chosen:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{name} of Hub dataset {repo_id!r} is not in the local "
+                                    "cache and the Hub cannot be reached")
+        documents += _file_documents(path, fmt, text_column, f"{name} of Hub dataset {repo_id!r}")
+    return documents
+
+
+def _file_documents(path: Path, fmt: str, text_column: str, label: str) -> list[str]:
+    """Documents of one data file: plain text is split by ``fmt``; JSON lines, JSON, CSV and
+    Parquet give one document per row's ``text_column``."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return split_text(path.read_text(encoding="utf-8"), fmt)
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"reading {label} needs pyarrow: pip install pyarrow") from None
+        table = pq.read_table(path)
+        columns = table.column_names
+        rows = table.column(text_column).to_pylist() if text_column in columns else None
+    elif suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            rows = [row[text_column] for row in reader] if text_column in columns else None
+    else:
+        text = path.read_text(encoding="utf-8")
+        try:
+            records = ([json.loads(line) for line in text.splitlines() if line.strip()]
+                       if suffix == ".jsonl" else json.loads(text))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{label} is not valid JSON: {err}") from None
+        if isinstance(records, dict):  # {"column": [values...]}
+            records = [dict(zip(records, values, strict=True))
+                       for values in zip(*records.values(), strict=True)]
+        columns = sorted({key for record in records if isinstance(record, dict)
+                          for key in record})
+        rows = ([record.get(text_column) for record in records if isinstance(record, dict)]
+                if text_column in columns else None)
+    if rows is None:
+        raise ValueError(f"{label} has no column {text_column!r}; its columns are {columns} "
+                         "(choose one with --text-column)")
+    return [row.strip() for row in rows if isinstance(row, str) and row.strip()]
 
 
 def split_validation(
