@@ -13,5 +13,6 @@ Layout, one idea per module:
 * :mod:`app.exporting`: ONNX / TorchScript bundles, built once per model and format, zipped;
 * :mod:`app.model_info`: the model card, metrics and plots;
 * :mod:`app.gpu`: the ZeroGPU decorator (a no-op off Spaces);
-* :mod:`app.ui` and :mod:`app.tabs`: the Gradio interface; :mod:`app.main`: launching it.
+* :mod:`app.ui` and :mod:`app.tabs`: the Gradio interface; :mod:`app.main`: launching it;
+* :mod:`app.lean_imports`: skipping import-time work the app does not need (start-up time).
 """

@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 READY = "codebook app ready at"
@@ -34,6 +33,9 @@ def main() -> int:
     # thousands of long-lived objects; collecting garbage among them costs about a fifth of the
     # start-up CPU time and frees nothing. Collection resumes, with them frozen, once serving.
     gc.disable()
+    from app.lean_imports import skip_unused_imports
+
+    skip_unused_imports()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     workdir = _workdir()
@@ -46,35 +48,27 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    # The start model loads (torch, transformers) while Gradio imports: both take seconds.
-    loaded: dict = {}
+    # One thing after another: imports hold the GIL, so loading the model in a thread while
+    # Gradio imports saved no time, and it raced two threads on transformers' lazy module
+    # ("cannot import name 'DynamicCache'").
+    import torch
 
-    def load_start_model():
-        import torch
+    # Small models gain nothing from intra-op threads and lose much to contention with the
+    # request threads (a step takes 10x longer with 2 threads on a busy 2-core machine).
+    torch.set_num_threads(settings.torch_threads)
+    from app.models import ModelError, ModelRegistry
 
-        # Small models gain nothing from intra-op threads and lose much to contention with the
-        # request threads (a step takes 10x longer with 2 threads on a busy 2-core machine).
-        torch.set_num_threads(settings.torch_threads)
-        from app.models import ModelError, ModelRegistry
-
-        registry = ModelRegistry(settings)
-        try:
-            registry.start_model()
-        except ModelError as err:
-            loaded["error"] = err
-        loaded["registry"] = registry
-
-    loader = threading.Thread(target=load_start_model, name="load-start-model")
-    loader.start()
+    registry = ModelRegistry(settings)
+    try:
+        registry.start_model()
+    except ModelError as err:
+        print(f"error: the start model (CODEBOOK_MODEL={settings.model!r}) cannot be loaded: "
+              f"{err}", file=sys.stderr)
+        return 2
     from app.style import CSS, THEME
     from app.ui import build_demo
 
-    loader.join()
-    if "error" in loaded:
-        print(f"error: the start model (CODEBOOK_MODEL={settings.model!r}) cannot be loaded: "
-              f"{loaded['error']}", file=sys.stderr)
-        return 2
-    demo = build_demo(loaded["registry"], settings, workdir)
+    demo = build_demo(registry, settings, workdir)
     demo.queue(default_concurrency_limit=2, max_size=settings.queue_size)
     _, url, _ = demo.launch(prevent_thread_lock=True, theme=THEME, css=CSS, allowed_paths=[],
                             show_error=False)

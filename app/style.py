@@ -8,7 +8,6 @@ THEME = gr.themes.Soft(primary_hue="amber", secondary_hue="sky", neutral_hue="sl
                        radius_size="md")
 
 CSS = """
-.gradio-container { max-width: 1280px !important; margin: 0 auto; }
 #intro p { margin: 0.2em 0; }
 #intro h1 { margin-bottom: 0.2em; }
 .presets { gap: 6px !important; flex-wrap: wrap !important; }
@@ -27,8 +26,13 @@ CSS = """
 .contexts mark { background: #fcd34d; color: #1f2937; padding: 0 2px; border-radius: 3px;
   font-weight: 600; }
 .hint { color: var(--body-text-color-subdued); font-size: 0.92em; }
+/* A topic switches on dozens of codes: their chips scroll in a few lines rather than pushing the
+   rest of the tab a screen down. */
+#steering-codes .wrap-inner { max-height: 7.6em; overflow-y: auto; }
 @media (max-width: 640px) {
-  .gradio-container { padding: 4px !important; }
   #intro h1 { font-size: 1.4em; }
+  /* Five tabs at Gradio's padding are wider than a phone, and Gradio's overflow menu did not
+     step in: the whole page scrolled sideways. */
+  .tab-container button { padding: 0 6px !important; }
 }
 """

@@ -15,12 +15,14 @@ from app.tabs import AppContext, codes, export, model, steer, tokens
 
 PAPER = "https://arxiv.org/abs/2310.17230"
 INTRO = f"""# Codebook Features Studio
-A small language model that writes children's stories, built so that its inner workings can be
-read and steered. Inside it, the output of every attention head is snapped to a few **codes**:
-entries of a learned dictionary (a *codebook*), only *k* of them active per head at each token.
-Many codes mean something (a topic, a character, the end of a sentence), so **switching on a
-topic's codes turns the story toward it**. Pick a topic and press **Generate**
-([the paper]({PAPER}))."""
+A tiny language model that writes children's stories, built so that what happens inside it can be
+read and steered. At each word it writes, every attention head (one of the small parts that decide
+what to carry forward) must express its output as a handful of **codes**: entries picked from a
+learned list, the head's *codebook*. Many codes stand for one thing (a topic, a character, the end
+of a sentence), so **switching on a topic's codes turns the story toward that topic**.
+
+**Try it**: pick a topic, press **Generate** and compare the two stories: same beginning, same
+random choices, only the codes differ ([the paper]({PAPER}))."""
 
 
 def model_line(loaded: LoadedModel) -> str:

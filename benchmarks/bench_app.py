@@ -8,7 +8,9 @@ a free loopback port) and measures, through ``gradio_client``:
 * tokens/s: new steered tokens per second through the app, the unsteered side written alongside
   as the Steer tab does (``--max-tokens`` per side), and both sides' tokens per second.
 
-Steering uses the model's first topic preset (else one code). Run:
+Steering uses the model's first topic preset, with its strength, mode and positions (else one
+code at strength 1). The machine's load average is printed with the table: on a shared machine the
+wall-clock figures depend on it. Run:
 
     python benchmarks/bench_app.py [--model default] [--runs 3] [--max-tokens 200]
 """
@@ -67,19 +69,24 @@ def start(model: str, max_tokens: int) -> tuple[subprocess.Popen, str, float, fl
     return proc, url, time.perf_counter() - began, cpu_seconds(proc.pid)
 
 
-def steering_codes(model: str) -> list[str]:
+def first_preset(model: str) -> tuple[str, dict]:
+    """``(name, generate's steering arguments)`` of the model's first topic preset."""
     from codebook import hub
-    from codebook.topics import load_topics
+    from codebook.topics import load_topics, preset_steering
 
-    for preset in load_topics(hub.resolve_model_dir(model)).values():
-        return [f"{c['layer']}:{c['site']}:{c['head']}:{c['code']}" for c in preset["codes"]]
-    return ["0:attn_heads:0:1"]
+    for name, preset in load_topics(hub.resolve_model_dir(model)).items():
+        steering = preset_steering(preset)
+        return name, {"codes": [str(c) for c in steering.codes], "strength": steering.strength,
+                      "mode": steering.mode, "positions": steering.positions}
+    return "one code", {"codes": ["0:attn_heads:0:1"], "strength": 1.0, "mode": "add",
+                        "positions": "all"}
 
 
-def generate(client, codes: list[str], max_tokens: int, seed: int) -> tuple[float, float, dict]:
+def generate(client, steering: dict, max_tokens: int, seed: int) -> tuple[float, float, dict]:
     """``(seconds to the first update, total seconds, result)`` of one steered generation."""
     began = time.perf_counter()
-    job = client.submit(PROMPT, codes, 1.0, "add", "all", seed, False, 1.0, max_tokens, "",
+    job = client.submit(PROMPT, steering["codes"], steering["strength"], steering["mode"],
+                        steering["positions"], seed, False, 1.0, max_tokens, "",
                         api_name="/generate")
     first = None
     for _ in job:
@@ -98,7 +105,8 @@ def main() -> int:
 
     from gradio_client import Client
 
-    codes = steering_codes(args.model)
+    preset, steering = first_preset(args.model)
+    load_before = os.getloadavg()
     starts, start_cpu, firsts, steered, both = [], [], [], [], []
     for run in range(args.runs):
         proc, url, seconds, cpu = start(args.model, args.max_tokens)
@@ -106,8 +114,8 @@ def main() -> int:
             starts.append(seconds)
             start_cpu.append(cpu)
             client = Client(url, verbose=False)
-            generate(client, codes, 8, seed=run)  # warm-up: first-call costs are not per token
-            first, total, result = generate(client, codes, args.max_tokens, seed=run)
+            generate(client, steering, 8, seed=run)  # warm-up: first-call costs are not per token
+            first, total, result = generate(client, steering, args.max_tokens, seed=run)
             firsts.append(first)
             steered.append(result["tokens"][1] / total)
             both.append(sum(result["tokens"]) / total)
@@ -119,8 +127,10 @@ def main() -> int:
         return (f"| {name} | {statistics.median(values):.3g} {unit} | {min(values):.3g} | "
                 f"{max(values):.3g} |")
 
-    print(f"model {args.model!r}, {len(codes)} steering codes, {args.runs} runs, "
-          f"{args.max_tokens} new tokens per side, {os.cpu_count()} CPUs\n")
+    print(f"model {args.model!r}, preset {preset!r} ({len(steering['codes'])} codes, strength "
+          f"{steering['strength']:g}, mode {steering['mode']}, positions {steering['positions']}), "
+          f"{args.runs} runs, {args.max_tokens} new tokens per side, {os.cpu_count()} CPUs, "
+          f"load average (1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after\n")
     print("| measure | median | min | max |\n|---|---|---|---|")
     print(row("start: `python app.py` to ready (wall)", starts, "s"))
     print(row("start: CPU time of the app process", start_cpu, "s"))

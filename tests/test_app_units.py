@@ -410,6 +410,46 @@ def test_the_gpu_decorator_is_spaces_gpu_on_zero_gpu_and_a_no_op_elsewhere(monke
     assert gpu.gpu(duration=10)(fn) == ("wrapped", fn) and calls == [10]
 
 
+LEAN_IMPORT_CHECK = """
+import sys
+from app.lean_imports import skip_unused_imports
+skip_unused_imports()
+import gradio as gr
+import gradio.component_meta as meta
+from transformers.utils import is_scipy_available
+from app.lean_imports import _no_stub_update
+
+# Gradio's stub writer is the no-op, and components still work.
+assert meta.create_or_modify_pyi is _no_stub_update
+with gr.Blocks() as demo:
+    box = gr.Textbox("hi")
+assert demo.get_config_file()["components"]
+# The optional packages the app does not use look absent, as on a Space.
+assert not is_scipy_available()
+for name in ("IPython", "scipy"):
+    try:
+        __import__(name)
+    except ImportError:
+        continue
+    raise AssertionError(name + " was importable")
+print("lean imports ok")
+"""
+
+
+@pytest.mark.slow
+def test_lean_imports_skip_gradios_stub_writer_and_unused_optional_packages():
+    """In a fresh interpreter, as ``python app.py`` starts."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    done = subprocess.run([sys.executable, "-c", LEAN_IMPORT_CHECK], env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "lean imports ok" in done.stdout
+
+
 def test_a_failed_export_names_the_problem_and_leaves_no_zip(tmp_path):
     from app.exporting import ExportCache
 

@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from app import highlight, inputs
-from app.analysis import has_index, topic_search
+from app.analysis import has_index, index_summary, topic_search
 from app.errors import shown
 from app.generation import continuation_text, side_by_side
 from app.gpu import gpu
@@ -83,7 +83,10 @@ def topic_hint(loaded: LoadedModel) -> str:
 
 def search_note(loaded: LoadedModel) -> str:
     if has_index(loaded):
-        return ""
+        # Which stories are searched: a small index knows few words, and the visitor should
+        # see why a word finds nothing.
+        return (f"Searches the stories of the model's code index ({index_summary(loaded)}) "
+                "for codes that fire just before the word.")
     return ("This model has no code index, so codes cannot be searched; steering with codes "
             "you know still works.")
 
@@ -107,6 +110,9 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
     with gr.Row():
         generate = gr.Button("Generate", variant="primary", scale=3)
         clear = gr.Button("Clear steering", scale=1, min_width=120)
+    # Just under the buttons, so that what a click did is in view (on a phone the stories below
+    # fill the screen).
+    status = gr.Markdown("Pick a topic, then press **Generate**.", elem_classes="hint")
     with gr.Row(equal_height=False):
         with gr.Column(min_width=300):
             gr.Markdown("#### Without steering")
@@ -117,19 +123,19 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                         "<mark>topic words</mark> marked)</span>")
             steered = gr.HTML(EMPTY_STORY, elem_classes="story")
             inspect_steered = gr.Button("Codes of this story →", size="sm")
-    status = gr.Markdown("Pick a topic, then press **Generate**.", elem_classes="hint")
     result = gr.JSON(visible=False)  # plain texts and settings, for API clients
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             gr.Markdown("### Steering set")
             codes = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
-                                label="Codes switched on",
+                                label="Codes switched on", elem_id="steering-codes",
                                 info="3:attn_heads:2:117 is code 117 of head 2's codebook in "
                                      "layer 3. Add codes from a topic or the search, click × "
                                      "to remove one, or type one and press Enter.")
             strength = gr.Slider(0, 10, value=1.0, step=0.1, label="Strength",
-                                 info="Multiplies the forced codes' vectors")
+                                 info="Multiplies the switched-on codes' vectors: higher "
+                                      "steers harder, too high garbles the text")
             mode = gr.Radio(MODES, value="add", label="Mode")
             positions = gr.Radio(POSITIONS, value="all", label="Steer at")
             with gr.Accordion("Share: the steering set as JSON", open=False):
@@ -140,13 +146,14 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         with gr.Column(scale=1):
             gr.Markdown("### Find codes for any topic")
             with gr.Row(equal_height=False):
-                search_box = gr.Textbox(label="A word or regex", placeholder="e.g. dragon, "
-                                        r"\b(?:cat|kitten)", scale=4)
+                search_box = gr.Textbox(label="A word or regex", placeholder="e.g. friend, "
+                                        r"\b(?:cat|dog)s?\b", scale=4)
                 search = gr.Button("Search", scale=1, min_width=90)
             search_summary = gr.Markdown(search_note(start), elem_classes="hint")
             search_table = gr.Dataframe(headers=SEARCH_HEADERS, interactive=False, wrap=True,
                                         datatype=["str", "number", "number", "str"],
-                                        max_height=360, label="Click a row to add its code")
+                                        max_height=360, label="Click a row to add its code",
+                                        column_widths=[170, 95, 75, "auto"])
     with gr.Accordion("Sampling", open=False):
         with gr.Row():
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=inputs.MAX_SEED)
