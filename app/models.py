@@ -109,9 +109,8 @@ def _check_hub_size(name: str, limit_mb: int) -> None:
 
 
 # Serialises every forward pass in the process. Steering and code capture are state on a model's
-# codebook layers, so two requests must not run one model at once; and torch's dispatch of custom
-# ops (the codebook op) keeps annotation state in a process-wide dict that concurrent calls from
-# two threads corrupt (a KeyError in torch.fx.traceback.annotate), so not two models either.
+# codebook layers, so two requests must not run one model at once; one lock for all models keeps
+# it simple, and on a small CPU machine two concurrent passes would only slow each other down.
 FORWARD_LOCK = threading.Lock()
 
 

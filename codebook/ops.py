@@ -13,31 +13,58 @@ Steering reaches the op through two optional per-code tensors of shape ``[g, C]`
   every code but one replaces all ``k`` slots with that code.
 * ``scale`` multiplies each selected code's vector in the combination (the steering strength).
 
-Memory: the ``[tokens, g, C]`` score matrix is never materialised whole; tokens are processed in
-chunks so that the extra memory stays bounded whatever the number of tokens.
+Memory and speed: the ``[tokens, g, C]`` score matrix is never materialised whole; tokens are
+processed in chunks, so the extra memory stays bounded whatever the number of tokens, and on CPU
+each chunk is small enough to stay in cache between the matrix multiply that writes it and the
+top-k that reads it. With many codes the top-k itself goes through block maxima (see
+:func:`top_codes`), which is exact and several times cheaper than ``torch.topk`` over every code.
 
 Gradients (straight-through estimator, as in the paper): the gradient of the output flows to ``x``
 unchanged, and to each selected code (weighted as in the combination). In addition, the backward
 pass adds the gradient of the paper's reconstruction term
 ``reconstruction_weight * mean((out - stopgrad(x))**2)`` with respect to the selected codes, which
 pulls codes toward the activations they stand for. That term is not part of the forward value; the
-training code reports it separately (see :func:`reconstruction_mse`).
+training code reports it separately (see :func:`reconstruction_mse`). Its gradient is added as it
+is, unaffected by any scaling of the loss: a caller that scales the loss (e.g. by 1 / gradient
+accumulation steps) scales ``reconstruction_weight`` alike, as ``training/trainer.py`` does.
+
+The op is registered with ``torch.library``'s low-level API rather than ``torch.library.custom_op``:
+custom_op wraps every eager call in ``torch._dynamo.disable``, which, whenever a ``torch.export``
+runs anywhere in the process, writes to a process-wide dict in ``torch.fx.traceback`` without a
+lock; two threads calling the op then corrupt it (a ``KeyError`` in ``annotate``, or metadata left
+behind). Registered this way, an eager call touches no such state, and skips the wrapper's cost.
+
+This file needs nothing but torch: TorchScript bundles ship a verbatim copy of it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SIMILARITIES = ("cosine", "inner_product", "euclidean")
 COMBINES = ("mean", "sum")
 
-# Score-matrix elements processed at once (``chunk_tokens * g * C``). 2**24 float32 scores are
-# 64 MiB: enough tokens per chunk for the matrix multiply to run at full speed, and a small
-# fraction of the full matrix at the sizes where it matters (2.6 GB at 4096 tokens x 16 x 10k).
-DEFAULT_SCORE_BUDGET = 2**24
+# Score-matrix elements (``chunk_tokens * g * C``) computed at once. On CPU, 2**22 float32 scores
+# (16 MiB) stay in the last-level cache between the matrix multiply that writes them and the top-k
+# that reads them: at 4096 tokens x 8 groups x 512 codes the multiply ran 6x slower into one 64 MiB
+# chunk, and smaller chunks than 2**22 were no faster. MIN_CHUNK_TOKENS keeps the multiply
+# efficient where groups x codes is large (4096 tokens x 16 groups x 10k codes: the op ran 1.7x
+# faster in 128-token chunks than in the budget's 26). GPUs want big chunks to stay busy; 2**24
+# float32 scores are 64 MiB, a small fraction of the full matrix where it matters (2.6 GB at the
+# shape above). benchmarks/bench_op.py measures both the time and the memory.
+CPU_SCORE_BUDGET = 2**22
+GPU_SCORE_BUDGET = 2**24
+MIN_CHUNK_TOKENS = 128
+
+# Block maxima pay off when torch.topk has many codes per row to go through; below this many codes
+# the two smaller top-k calls of top_codes cost more than one over all codes (measured on CPU; on
+# GPUs torch.topk is a radix select, so the plain call is kept there).
+BLOCK_TOPK_MIN_CODES = 2048
 
 _EPS = 1e-8
 
@@ -90,6 +117,54 @@ def similarity_scores(
     return scores.transpose(0, 1)
 
 
+def top_codes(scores: Tensor, k: int, block: int = 0) -> tuple[Tensor, Tensor]:
+    """``(values, indices)`` of the ``k`` largest scores along the last dimension, best first, as
+    ``scores.topk(k, dim=-1)`` gives them (see :func:`_topk` for NaN scores).
+
+    With ``block`` (a divisor of the number of codes, at least ``k`` blocks), the codes are cut
+    into blocks of that many; the ``k`` blocks with the largest maxima are kept and the top-k is
+    taken over their codes only. That is exact: those ``k`` maxima are ``k`` scores at least as
+    large as any score outside the kept blocks, so every score above the k-th largest, and enough
+    scores equal to it, lie inside them. As with ``torch.topk``, which of several equal scores is
+    picked is unspecified; the selected values are always those of a full top-k.
+    """
+    if not block:
+        return _topk(scores, k)
+    *lead, num_codes = scores.shape
+    blocks = scores.reshape(-1, num_codes // block, block)
+    rows, num_blocks = blocks.shape[:2]
+    _, kept = _topk(blocks.amax(-1), k, sorted=False)  # [rows, k]
+    first_block = torch.arange(rows, device=scores.device)[:, None] * num_blocks
+    candidates = blocks.reshape(rows * num_blocks, block).index_select(
+        0, (kept + first_block).reshape(-1)
+    )
+    values, position = _topk(candidates.reshape(rows, k * block), k)
+    indices = kept.gather(-1, position // block) * block + position % block
+    return values.reshape(*lead, k), indices.reshape(*lead, k)
+
+
+def _topk(scores: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
+    """``scores.topk(k, dim=-1, sorted=sorted)``; on CPU, float32 scores are ranked by their bit
+    patterns read as int32, which torch.topk goes through about a quarter faster (no NaN checks).
+
+    Those integers rank non-negative floats (sign bit clear: +0.0 up to +inf, then NaN) exactly as
+    the floats, and every negative float below them. So wherever the k-th largest integer has its
+    sign bit clear, the k integers picked are the k largest floats; the other rows (fewer than
+    ``k`` non-negative scores: distances, blocked codes) are ranked again as floats. The one
+    difference from torch.topk: a NaN with its sign bit set ranks last instead of first (NaN
+    scores only come from NaN or infinite activations or codes).
+    """
+    if scores.device.type != "cpu" or scores.dtype != torch.float32:
+        return scores.topk(k, dim=-1, sorted=sorted)
+    keys, indices = scores.view(torch.int32).topk(k, dim=-1, sorted=sorted)
+    smallest_key = keys[..., -1] if sorted else keys.amin(-1)
+    unsure = smallest_key < 0
+    values = keys.view(torch.float32)
+    if bool(unsure.any()):
+        values[unsure], indices[unsure] = scores[unsure].topk(k, dim=-1, sorted=sorted)
+    return values, indices
+
+
 def combine_codes(
     codebook: Tensor,
     indices: Tensor,
@@ -97,11 +172,20 @@ def combine_codes(
     scale: Tensor | None,
     combine: str,
 ) -> Tensor:
-    """Combination ``[n, g, d]`` of the selected codes ``indices`` ``[n, g, k]``."""
-    weights = _code_weights(indices, valid, scale, combine)  # [n, g, k]
-    groups = torch.arange(codebook.shape[0], device=indices.device)[None, :, None]
-    vectors = codebook[groups, indices]  # [n, g, k, d]
-    return (weights.unsqueeze(-1) * vectors).sum(-2)
+    """Combination (float32) ``[..., g, d]`` of the selected codes ``indices`` ``[..., g, k]``."""
+    groups, num_codes, dim = codebook.shape
+    k = indices.shape[-1]
+    weights = _code_weights(indices, valid, scale, combine)  # [..., g, k]
+    offsets = torch.arange(groups, device=indices.device)[:, None] * num_codes
+    # One bag of k rows per (token, group) of the flattened [g * C, d] table: this sums the codes
+    # without materialising the [..., g, k, d] gathered vectors (16x faster on CPU at g=16, d=64).
+    combined = F.embedding_bag(
+        (indices + offsets).reshape(-1, k),
+        codebook.float().reshape(groups * num_codes, dim),
+        mode="sum",
+        per_sample_weights=weights.reshape(-1, k),
+    )
+    return combined.reshape(*indices.shape[:-1], dim)
 
 
 def _code_weights(indices: Tensor, valid: Tensor, scale: Tensor | None, combine: str) -> Tensor:
@@ -109,18 +193,37 @@ def _code_weights(indices: Tensor, valid: Tensor, scale: Tensor | None, combine:
     if combine == "mean":
         weights = weights / valid.sum(-1, keepdim=True).clamp_min(1)
     if scale is not None:
-        groups = torch.arange(scale.shape[0], device=indices.device)[None, :, None]
+        groups = torch.arange(scale.shape[0], device=indices.device)[:, None]
         weights = weights * scale.float()[groups, indices]
     return weights
 
 
-def _chunk_tokens(num_tokens: int, groups: int, num_codes: int, chunk_size: int) -> int:
+def _chunk_tokens(num_tokens: int, groups: int, num_codes: int, chunk_size: int,
+                  device: torch.device) -> int:
     if chunk_size > 0:
         return chunk_size
-    return max(1, min(num_tokens, DEFAULT_SCORE_BUDGET // (groups * num_codes)))
+    budget = CPU_SCORE_BUDGET if device.type == "cpu" else GPU_SCORE_BUDGET
+    return max(MIN_CHUNK_TOKENS, min(num_tokens, budget // (groups * num_codes)))
 
 
-@torch.library.custom_op("codebook::topk_codebook", mutates_args=())
+def _topk_block(num_codes: int, k: int, device: torch.device) -> int:
+    """The block size :func:`top_codes` uses for ``num_codes`` codes on ``device`` (0: a plain
+    top-k)."""
+    if device.type != "cpu" or num_codes < BLOCK_TOPK_MIN_CODES:
+        return 0
+    return _block_size(num_codes, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_size(num_codes: int, k: int) -> int:
+    """The divisor of ``num_codes`` closest to ``sqrt(num_codes)`` that leaves at least ``k``
+    blocks (0 if none): it balances the block maxima's top-k against the candidates' (100 for
+    10,000 codes, 64 for 4096). A prime number of codes gets a plain top-k."""
+    root = math.sqrt(num_codes)
+    divisors = [b for b in range(2, num_codes // k + 1) if num_codes % b == 0]
+    return min(divisors, key=lambda b: abs(math.log(b / root)), default=0)
+
+
 def topk_codebook(
     x: Tensor,
     codebook: Tensor,
@@ -136,34 +239,57 @@ def topk_codebook(
 
     Returns ``(out, indices)``: ``out`` has the shape and dtype of ``x``; ``indices`` (int64,
     ``[..., g, k]``) are the chosen codes, best first. ``chunk_size`` is the number of tokens
-    scored at once (0: chosen so that the score chunk holds about 4M elements).
+    scored at once (0: chosen so that the score chunk holds about :data:`CPU_SCORE_BUDGET`
+    elements on CPU, :data:`GPU_SCORE_BUDGET` elsewhere).
     ``reconstruction_weight`` only affects the backward pass (see the module docstring).
     """
+    return torch.ops.codebook.topk_codebook.default(
+        x, codebook, k, bias, scale, similarity, combine, reconstruction_weight, chunk_size
+    )
+
+
+# Defaults as in the schema: the dispatcher leaves out trailing arguments that have them.
+def _forward(x, codebook, k, bias=None, scale=None, similarity="cosine", combine="mean",
+             reconstruction_weight=1.0, chunk_size=0):
     _check_args(x, codebook, k, bias, scale, similarity, combine)
     groups, num_codes, dim = codebook.shape
-    lead = x.shape[:-2]
     flat = x.reshape(-1, groups, dim)
     num_tokens = flat.shape[0]
-    cb = codebook.to(x.dtype)
-    scoring_cb, code_sq_norm = prepare_codebook(cb, similarity)
+    scoring_cb, code_sq_norm = prepare_codebook(codebook.to(x.dtype), similarity)
+    # Terms added to every token's scores, folded into the matrix multiply (baddbmm). Euclidean
+    # scores leave out -|x|^2, a constant per token and group that cannot change the ranking.
+    offset = None if bias is None else bias.to(x.dtype)
+    if code_sq_norm is not None:
+        offset = -code_sq_norm if offset is None else offset - code_sq_norm
+    alpha = 2 if similarity == "euclidean" else 1
+    table = codebook.float()  # combined in float32 whatever the input dtype
+    block = _topk_block(num_codes, k, x.device)
     out = torch.empty_like(flat)
     indices = torch.empty(num_tokens, groups, k, dtype=torch.long, device=x.device)
-    step = _chunk_tokens(num_tokens, groups, num_codes, chunk_size)
+    step = _chunk_tokens(num_tokens, groups, num_codes, chunk_size, x.device)
+    # One score buffer for all chunks: a fresh allocation of this size costs page faults on
+    # every chunk (on CPU a bmm into a reused buffer ran 2.5x faster than into a new one).
+    buffer = torch.empty(groups * min(step, num_tokens) * num_codes, dtype=x.dtype,
+                         device=x.device)
     for start in range(0, num_tokens, step):
-        chunk = flat[start : start + step]
-        scores = similarity_scores(chunk, scoring_cb, code_sq_norm, similarity)
-        if bias is not None:
-            scores = scores + bias.to(scores.dtype)
-        top_scores, top_idx = scores.topk(k, dim=-1)
-        valid = top_scores > -math.inf
-        indices[start : start + step] = top_idx
-        out[start : start + step] = combine_codes(cb, top_idx, valid, scale, combine).to(x.dtype)
-    return out.reshape(x.shape), indices.reshape(*lead, groups, k)
+        xg = flat[start : start + step].transpose(0, 1)  # [g, n, d]
+        if similarity == "cosine":
+            xg = xg / xg.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        scores = buffer[: xg.shape[0] * xg.shape[1] * num_codes].view(*xg.shape[:2], num_codes)
+        if offset is None:
+            torch.bmm(xg, scoring_cb, out=scores)  # [g, n, C]
+        else:
+            torch.baddbmm(offset[:, None, :], xg, scoring_cb, alpha=alpha, out=scores)
+        top_scores, top_idx = top_codes(scores, k, block)
+        chosen = top_idx.transpose(0, 1)  # [n, g, k]
+        indices[start : start + step] = chosen
+        valid = top_scores.transpose(0, 1) > -math.inf
+        out[start : start + step] = combine_codes(table, chosen, valid, scale, combine)
+    return out.reshape(x.shape), indices.reshape(*x.shape[:-1], k)
 
 
-@topk_codebook.register_fake
-def _(x, codebook, k, bias=None, scale=None, similarity="cosine", combine="mean",
-      reconstruction_weight=1.0, chunk_size=0):
+def _fake(x, codebook, k, bias=None, scale=None, similarity="cosine", combine="mean",
+          reconstruction_weight=1.0, chunk_size=0):
     torch._check(k >= 1)
     out = torch.empty_like(x)
     indices = x.new_empty((*x.shape[:-1], k), dtype=torch.long)
@@ -221,7 +347,7 @@ def codebook_grad(
     grad_cb = torch.zeros(groups * num_codes, dim, dtype=torch.float32, device=codebook.device)
     offsets = torch.arange(groups, device=codebook.device)[None, :] * num_codes
     # One scatter per slot of the top-k keeps the scattered source at the input's size instead
-    # of materialising a [tokens, g, k, d] tensor.
+    # of materialising a [tokens, g, k, d] tensor (and one scatter of that was 2x slower on CPU).
     for slot in range(k):
         source = grad if weights is None else grad * weights[..., slot, None]
         rows = (flat_idx[..., slot] + offsets).reshape(-1)
@@ -233,11 +359,22 @@ def _selected_is_valid(indices: Tensor, bias: Tensor | None) -> Tensor:
     """Whether each selected code was a real choice (its bias is not -inf, i.e. not blocked)."""
     if bias is None:
         return torch.ones_like(indices, dtype=torch.bool)
-    groups = torch.arange(bias.shape[0], device=indices.device)[None, :, None]
+    groups = torch.arange(bias.shape[0], device=indices.device)[:, None]
     return bias[groups, indices] > -math.inf
 
 
-topk_codebook.register_autograd(_backward, setup_context=_setup_context)
+_LIBRARY = torch.library.Library("codebook", "FRAGMENT")
+_LIBRARY.define(
+    "topk_codebook(Tensor x, Tensor codebook, SymInt k, Tensor? bias=None, Tensor? scale=None, "
+    'str similarity="cosine", str combine="mean", float reconstruction_weight=1., '
+    "SymInt chunk_size=0) -> (Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
+torch.library.impl("codebook::topk_codebook", "default", _forward, lib=_LIBRARY)
+torch.library.register_fake("codebook::topk_codebook", _fake, lib=_LIBRARY)
+torch.library.register_autograd(
+    "codebook::topk_codebook", _backward, setup_context=_setup_context, lib=_LIBRARY
+)
 
 
 def reconstruction_mse(x: Tensor, out: Tensor) -> Tensor:

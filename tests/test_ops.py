@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import pytest
 import torch
+import torch.fx.traceback as fx_traceback
 from torch.library import opcheck
 
-from codebook.ops import topk_codebook
+from codebook import ops
+from codebook.ops import top_codes, topk_codebook
 
 
 def naive_scores(x, codebook, similarity):
@@ -180,3 +183,101 @@ def test_clear_errors_for_options():
         topk_codebook(x, codebook, 2, combine="max")
     with pytest.raises(ValueError, match=r"bias must have shape \[2, 10\]"):
         topk_codebook(x, codebook, 2, torch.zeros(10))
+
+
+@pytest.mark.parametrize("similarity,combine", CASES)
+def test_many_codes_match_naive_reference(similarity, combine):
+    """Enough codes that the top-k goes through block maxima (see ``top_codes``)."""
+    groups, num_codes, k = 2, 2048, 8
+    assert ops._topk_block(num_codes, k, torch.device("cpu")), "the block path must be covered"
+    torch.manual_seed(5)
+    x, codebook = torch.randn(3, 40, groups, 16), torch.randn(groups, num_codes, 16)
+    bias = torch.randn(groups, num_codes) * 0.1
+    bias[0, 1500] = math.inf
+    bias[1, :1000] = -math.inf
+    scale = torch.rand(groups, num_codes) + 0.5
+    for b, s in [(None, None), (bias, scale)]:
+        out, idx = topk_codebook(x, codebook, k, b, s, similarity, combine, 1.0, 0)
+        ref_out, ref_idx = naive_topk(x, codebook, k, b, s, similarity, combine)
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+
+
+def test_many_codes_blocking_all_but_one_code_replaces_all_k():
+    num_codes = 4096
+    x, codebook = torch.randn(6, 1, 4), torch.randn(1, num_codes, 4)
+    bias = torch.full((1, num_codes), -math.inf)
+    bias[0, 3001] = 0.0
+    out, idx = topk_codebook(x, codebook, 8, bias, combine="mean")
+    assert (idx[..., 0] == 3001).all()
+    assert all(len(set(row.tolist())) == 8 for row in idx.reshape(-1, 8)), "distinct codes"
+    torch.testing.assert_close(out, codebook[0, 3001].expand(6, 1, 4))
+
+
+@pytest.mark.parametrize("block", [0, 4, 8, 12, 15])
+def test_top_codes_is_exact_with_ties_and_any_sign(block):
+    """Scores with many ties of both signs, signed zeros, rows with fewer than k non-negative
+    scores, +-inf and NaN: ``top_codes`` (with or without blocks) picks the values torch.topk
+    picks over the whole row, at distinct positions holding them."""
+    gen = torch.Generator().manual_seed(block)
+    scores = torch.randint(-3, 3, (2, 300, 120), generator=gen).float()
+    scores[0, :50] = -math.inf  # every code blocked but one
+    scores[0, :50, 7] = 1.0
+    scores[0, 60:70, 5] = math.inf  # a forced code
+    scores[1, :50, 100:] = -math.inf
+    scores[1, 50:60, 3] = math.nan  # ranks first, as in torch.topk
+    scores[1, 60:70] = 2.0  # all equal
+    scores[1, 70:80] = -scores[1, 70:80].abs() - 1  # all negative
+    scores[1, 80:90, :60] = -0.0
+    want, _ = scores.topk(8, dim=-1)
+    values, indices = top_codes(scores, 8, block)
+    torch.testing.assert_close(values, want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(scores.gather(-1, indices), values, rtol=0, atol=0,
+                               equal_nan=True)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all(), "each position chosen once"
+
+
+class _RecordingDict(dict):
+    """A dict that records every write to it."""
+
+    def __init__(self, writes: list):
+        super().__init__()
+        self.writes = writes
+
+    def __setitem__(self, key, value):
+        self.writes.append(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.writes.append(key)
+        super().__delitem__(key)
+
+
+def test_concurrent_calls_during_an_export_leave_torch_state_alone(monkeypatch):
+    """While a torch.export runs anywhere in the process, ``torch.compiler.is_exporting()`` is
+    true in every thread. An op built with ``torch.library.custom_op`` then writes, on every eager
+    call, to the process-wide ``torch.fx.traceback.current_meta`` without a lock: two threads
+    calling it crashed (KeyError in ``annotate``) or left metadata behind for the exporter."""
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)
+    writes = []
+    monkeypatch.setattr(fx_traceback, "current_meta", _RecordingDict(writes))
+    errors = []
+
+    def work(seed):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(4, 2, 8, generator=gen, requires_grad=True)
+        codebook = torch.randn(2, 16, 8, generator=gen, requires_grad=True)
+        try:
+            for _ in range(300):
+                topk_codebook(x, codebook, 3)[0].sum().backward()
+        except Exception as err:  # noqa: BLE001 - any failure in a thread fails the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert writes == [], "eager calls must not write torch's process-wide FX metadata"
+    assert dict(fx_traceback.current_meta) == {}

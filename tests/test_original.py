@@ -359,7 +359,9 @@ def test_hub_download_fetches_pytorch_model_bin_only_when_needed(tmp_path, monke
              "orig/base": FIXTURES / name / "base"}
     requests = []
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, token=None):
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, token=None,
+                          repo_type="model"):
+        assert repo_type == "model"
         requests.append((repo_id, allow_patterns))
         snapshot = tmp_path / "snapshots" / repo_id.replace("/", "--")
         snapshot.mkdir(parents=True, exist_ok=True)
