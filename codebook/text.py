@@ -48,20 +48,33 @@ def read_documents(paths: list[str | Path], fmt: str = "auto") -> list[str]:
     unreadable or empty of text."""
     if not paths:
         raise ValueError("no data given: pass one or more text files (--data FILE)")
+    documents = [doc for source in paths for doc in source_documents(source, fmt)]
+    unique = deduplicate(documents)
+    if not unique:
+        raise ValueError(f"the data {[str(p) for p in paths]} holds no text")
+    return unique
+
+
+def source_documents(source: str | Path, fmt: str = "auto") -> list[str]:
+    """Documents of one text file or folder of ``.txt`` files, in order."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {source}")
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"data directory {source} holds no .txt files")
     documents: list[str] = []
-    for source in paths:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"data file not found: {source}")
-        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
-        if not files:
-            raise ValueError(f"data directory {source} holds no .txt files")
-        for file in files:
-            try:
-                text = file.read_text(encoding="utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"data file {file} is not UTF-8 text: {err}") from None
-            documents += split_text(text, fmt)
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"data file {file} is not UTF-8 text: {err}") from None
+        documents += split_text(text, fmt)
+    return documents
+
+
+def deduplicate(documents: list[str]) -> list[str]:
+    """``documents`` without exact duplicates (after whitespace normalisation), first kept."""
     seen: set[str] = set()
     unique = []
     for doc in documents:
@@ -69,8 +82,6 @@ def read_documents(paths: list[str | Path], fmt: str = "auto") -> list[str]:
         if key not in seen:
             seen.add(key)
             unique.append(doc)
-    if not unique:
-        raise ValueError(f"the data {[str(p) for p in paths]} holds no text")
     return unique
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from codebook import SITES, CodebookConfig
 from codebook.ops import COMBINES, SIMILARITIES
-from training.data import FORMATS
+from codebook.text import FORMATS
 
 CONFIG_NAME = "training_config.json"
 SCHEDULES = ("cosine", "linear", "constant")

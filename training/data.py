@@ -21,11 +21,9 @@ from pathlib import Path
 
 import torch
 
-ENDOFTEXT = "<|endoftext|>"
-FORMATS = ("auto", "endoftext", "blank-lines", "lines")
-HUB_PREFIX = "hf:"
+from codebook.text import deduplicate, source_documents, split_text
 
-_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+HUB_PREFIX = "hf:"
 
 
 @dataclasses.dataclass
@@ -35,31 +33,6 @@ class TokenStream:
     tokens: torch.Tensor  # int64 [n]
     num_documents: int
     num_bytes: int  # UTF-8 bytes of the documents' text (separators not counted)
-
-
-def split_text(text: str, fmt: str = "auto") -> list[str]:
-    """Split a file's text into documents.
-
-    ``endoftext``: separated by ``<|endoftext|>`` (TinyStories' own files); ``blank-lines``:
-    separated by empty lines; ``lines``: one document per line. ``auto`` picks the first of these
-    that the text uses. Documents are stripped and empty ones dropped.
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; choose from {FORMATS}")
-    if fmt == "auto":
-        if ENDOFTEXT in text:
-            fmt = "endoftext"
-        elif _BLANK_LINE.search(text.strip()):
-            fmt = "blank-lines"
-        else:
-            fmt = "lines"
-    if fmt == "endoftext":
-        parts = text.split(ENDOFTEXT)
-    elif fmt == "blank-lines":
-        parts = _BLANK_LINE.split(text)
-    else:
-        parts = text.splitlines()
-    return [part.strip() for part in parts if part.strip()]
 
 
 def check_sources(sources: list[str]) -> None:
@@ -90,21 +63,8 @@ def read_documents(sources: list[str], fmt: str = "auto", text_column: str = "te
         if source.startswith(HUB_PREFIX):
             documents += _hub_documents(source[len(HUB_PREFIX):], fmt, text_column)
             continue
-        path = Path(source).expanduser()
-        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
-        for file in files:
-            try:
-                text = file.read_text(encoding="utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"data file {file} is not UTF-8 text: {err}") from None
-            documents += split_text(text, fmt)
-    seen: set[str] = set()
-    deduplicated = []
-    for doc in documents:
-        key = " ".join(doc.split())
-        if key not in seen:
-            seen.add(key)
-            deduplicated.append(doc)
+        documents += source_documents(source, fmt)
+    deduplicated = deduplicate(documents)
     if not deduplicated:
         raise ValueError(f"the training data {sources} holds no text")
     return deduplicated
@@ -160,13 +120,13 @@ def _hub_documents(spec: str, fmt: str, text_column: str) -> list[str]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import DryRunError
 
-    from codebook.hub import download_snapshot
+    from codebook.hub import download_snapshot, split_revision
 
     repo, selector, kind = parse_hub_source(spec)
     patterns = [f"*{ext}" for ext in HUB_DATA_FORMATS]
-    repo_id, _, revision = repo.partition("@")
+    repo_id, revision = split_revision(repo)
     try:  # list the repo's files without downloading them
-        listing = snapshot_download(repo_id, repo_type="dataset", revision=revision or None,
+        listing = snapshot_download(repo_id, repo_type="dataset", revision=revision,
                                     allow_patterns=patterns, dry_run=True)
         files = [info.filename for info in listing]
     except DryRunError:  # offline: the cached snapshot is the listing
