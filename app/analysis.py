@@ -100,8 +100,8 @@ def _row(loaded: LoadedModel, score) -> dict:
 
 
 def topic_search(loaded: LoadedModel, pattern: str, top: int = 12) -> tuple[list[dict], str]:
-    """Codes that fire just before the topic's words far more often than elsewhere (the
-    ``lead-in`` statistic of :mod:`codebook.search`: the codes that make the model write about
+    """Codes whose activations fall most often in stories after the topic's first mention (the
+    ``context`` statistic of :mod:`codebook.search`: the codes that keep the model writing about
     it), each with an example context; and a one-line summary of what was searched."""
     from codebook.search import topic_search as search
     from codebook.text import compile_regex
@@ -118,8 +118,8 @@ def topic_search(loaded: LoadedModel, pattern: str, top: int = 12) -> tuple[list
     except ValueError as err:
         raise InputError(str(err)) from None
     summary = (f"{found.topic_documents} of {found.documents} indexed stories match /{pattern}/. "
-               "Codes ranked by how much more often they fire just before the topic's words "
-               "than elsewhere")
+               "Codes ranked by the share of their activations that fall after the topic's "
+               "first mention (precision; recall: the share of those tokens they fire on)")
     return [_row(loaded, s) for s in found.codes], summary
 
 

@@ -9,7 +9,9 @@ so that ``--help`` stays fast. Every query prints text, or JSON with ``--json``.
 * ``search``: codes ranked by precision and recall on a regex (or token) over the index;
 * ``topics``: codes that concentrate in documents about a topic; ``--save`` makes a preset;
 * ``generate``: unsteered and steered continuations of a prompt, same seed;
-* ``steer-eval``: the paper's steering evaluation for a topic.
+* ``steer-eval``: the paper's steering evaluation for a topic;
+* ``presets``: topic search, calibration and steering evaluation for several topics, saved as the
+  model's presets (this is how the default model's ``topics.json`` is made).
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ import json
 
 from codebook.text import FORMATS
 
-# Steering from a topic search: how many of the best codes to force, at most how many per head,
-# and how. Chosen by measurement on the default model (one code in each of the 40 heads, forced
-# at 1.5x: the strongest steering whose text stayed within 1.3x the unsteered loss); a topic's
-# preset may carry its own strength.
-TOPIC_MAX_CODES = 40
-TOPIC_PER_HEAD = 1
-TOPIC_STRENGTH = 1.5
+# Steering from a topic search when a topic has no preset: how many of the best codes to force,
+# at most how many per head, from which layers, and how. The median of the settings that
+# `presets`' calibration chose for the paper's seven topics on the default model (codebook/
+# calibrate.py: 6-24 codes, strength 1.5-4, four of seven from the last layer only); a preset
+# carries its own calibrated setting.
+TOPIC_MAX_CODES = 12
+TOPIC_PER_HEAD = 4
+TOPIC_STRENGTH = 2.5
 TOPIC_MODE = "add"
+TOPIC_LAST_LAYERS = "1"  # codes of the last codebook layer only ("all": every layer)
 
 
 def add_analysis_parsers(subparsers) -> None:
@@ -36,6 +40,7 @@ def add_analysis_parsers(subparsers) -> None:
     _add_topics(subparsers)
     _add_generate(subparsers)
     _add_steer_eval(subparsers)
+    _add_presets(subparsers)
 
 
 # -- shared options and helpers ---------------------------------------------------------------
@@ -72,8 +77,16 @@ def _steering_options(parser: argparse.ArgumentParser, codes: bool = True) -> No
                         help="codes taken from topic search when the topic has no preset")
     parser.add_argument("--per-head", type=int, default=TOPIC_PER_HEAD,
                         help="at most this many topic-search codes per head")
-    parser.add_argument("--statistic", choices=["lead-in", "document"], default="lead-in",
-                        help="how topic search ranks codes (see codebook/search.py)")
+    parser.add_argument("--last-layers", default=TOPIC_LAST_LAYERS, metavar="N|all",
+                        help="take topic-search codes from the last N codebook layers only "
+                        f"(default: {TOPIC_LAST_LAYERS})")
+    _search_options(parser)
+
+
+def _search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--statistic", choices=["context", "lead-in", "document"],
+                        default="context", help="how topic search ranks codes (see "
+                        "codebook/search.py; default: context precision)")
 
 
 def _load(args):
@@ -117,7 +130,7 @@ def _topic_results(args, model, directory, patterns: dict[str, str]) -> dict:
         index.layout.check_model(model)
         documents = index.documents()
     # Enough ranked codes for the selection to skip codes of heads that are already full.
-    top = max(getattr(args, "top", 0), 10 * args.max_codes, 50)
+    top = max(getattr(args, "top", 0), 10 * getattr(args, "max_codes", 0), 500)
     return topic_search(documents, layout, token_surfaces(model.tokenizer), patterns,
                         args.statistic, top=top)
 
@@ -134,12 +147,23 @@ def _topic_regex(topic: str, regex: str | None, presets: dict) -> str:
 
 
 def _topic_steering(args, model, found):
-    """The steering a topic search result gives: its best codes, within the per-head limit."""
+    """The steering a topic search result gives: its best codes of the last ``--last-layers``
+    codebook layers, within the per-head limit."""
     from codebook.index import Layout
     from codebook.search import select_codes
     from codebook.steering import Steering
 
-    codes = select_codes(found.codes, Layout.of_model(model), args.max_codes, args.per_head)
+    layout = Layout.of_model(model)
+    last = _last_layers(args.last_layers)
+    if last is not None and last < 1:
+        raise ValueError(f"--last-layers takes positive numbers or 'all', got {last}")
+    layers = sorted({site.layer for site in layout.sites})
+    layers = layers if last is None else layers[-last:]
+    ranked = [score for score in found.codes if score.ref.layer in layers]
+    if not ranked:
+        raise ValueError(f"topic search found no code in layers {layers} (--last-layers "
+                         f"{args.last_layers})")
+    codes = select_codes(ranked, layout, args.max_codes, args.per_head)
     return Steering(codes, strength=args.strength or TOPIC_STRENGTH,
                     mode=args.mode or TOPIC_MODE, positions=args.positions or "all")
 
@@ -181,16 +205,27 @@ def _add_index(subparsers) -> None:
     parser.add_argument("--max-tokens", type=int,
                         help="keep the index small: only the first documents that fit this many "
                         "tokens")
+    parser.add_argument("--topic-stories", type=int, default=0, metavar="N",
+                        help="put N stories about each of the model's topic presets first, so "
+                        "that a small index still covers them")
     parser.set_defaults(func=_run_index)
 
 
 def _run_index(args) -> None:
-    from codebook.index import INDEX_NAME, build_index
+    from codebook.index import INDEX_NAME, build_index, topic_stories_first
     from codebook.text import read_documents
+    from codebook.topics import load_topics
 
     model, directory = _load(args)
     documents = read_documents(args.data, args.format)
     meta = {"model": str(args.model), "sources": [str(p) for p in args.data]}
+    if args.topic_stories:
+        presets = load_topics(directory)
+        if not presets:
+            raise ValueError(f"--topic-stories needs topic presets, and {args.model} has none")
+        documents, taken = topic_stories_first(
+            documents, {name: p["regex"] for name, p in presets.items()}, args.topic_stories)
+        meta["topic_stories_first"] = taken
     index = build_index(model, documents, args.batch_size, args.max_length, args.max_tokens,
                         args.progress, meta)
     path = index.save(args.output or directory / INDEX_NAME)
@@ -297,12 +332,12 @@ def _run_search(args) -> None:
 def _add_topics(subparsers) -> None:
     parser = subparsers.add_parser(
         "topics", help="codes that concentrate in documents about a topic",
-        description="Topic search: documents matching the topic's regex are the topic's, and the "
-        "token before each match is a lead-in (where the model is about to write the topic). "
-        "Codes are ranked by how much more often they fire at lead-ins than elsewhere "
-        "(--statistic lead-in) or by document-level precision and recall (--statistic "
-        "document). Several topics share one pass over the corpus. Without --topic, lists the "
-        "model's presets.")
+        description="Topic search: documents matching the topic's regex are the topic's. Codes "
+        "are ranked by the share of their activations that fall after the topic's first mention "
+        "(--statistic context, the default), by how much more often they fire just before a "
+        "mention than elsewhere (--statistic lead-in) or by document-level precision and recall "
+        "(--statistic document). Several topics share one pass over the corpus. Without --topic, "
+        "lists the model's presets.")
     _common(parser)
     parser.add_argument("--topic", nargs="+", metavar="TOPIC",
                         help="topic name(s); a name is also its regex unless --regex is given")
@@ -345,9 +380,10 @@ def _run_topics(args) -> None:
                       "corpus": [str(p) for p in args.data] if args.data else "index"}
             presets[topic] = make_preset(patterns[topic], steering, {"search": search})
         results[topic] = result
-        score = "enrichment" if found.statistic == "lead-in" else "F1"
+        score = {"lead-in": "enrichment", "document": "F1"}.get(found.statistic, "precision")
         lines += [f"topic {topic!r} /{patterns[topic]}/: {found.topic_documents} of "
-                  f"{found.documents} documents, {found.lead_ins} lead-in tokens; codes by "
+                  f"{found.documents} documents, {found.context_tokens} tokens after a first "
+                  f"mention, {found.lead_ins} lead-in tokens; codes by "
                   f"{found.statistic} {score} (chance precision {found.chance:.2g}):",
                   f"  {'code':24} {'precision':>9} {'recall':>7} {score:>10} {'hits':>7} "
                   f"{'count':>7}"]
@@ -472,3 +508,117 @@ def _run_steer_eval(args) -> None:
     if args.save:
         lines.append(f"saved to {result['saved']}")
     _print(args, result, "\n".join(lines))
+
+
+# -- presets ----------------------------------------------------------------------------------
+
+
+def _add_presets(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "presets", help="find, calibrate and evaluate topic presets; save them in topics.json",
+        description="For each topic: topic search over --data (one pass for all topics), then "
+        "calibration (codebook/calibrate.py: every set of layers x number of codes x strength "
+        "of the grid is "
+        "sampled on --calibration-seed; the highest steered rate whose fluency ratio stays "
+        "within --max-fluency wins), then the paper's steering evaluation of the chosen setting "
+        "on --seed, a different seed. Each topic's preset, with all three records in its stats, "
+        "is saved in the model's topics.json (other presets are kept).")
+    _common(parser)
+    parser.add_argument("--topic", nargs="+", metavar="TOPIC",
+                        help="topics (default: the paper's seven); the regex is the preset's, "
+                        "the paper's or the word")
+    _data_options(parser, required=True, what="text files for topic search")
+    _search_options(parser)
+    # Defaults (None) are codebook/calibrate.py's; importing it here would slow --help.
+    parser.add_argument("--num-codes", type=int, nargs="+",
+                        help="numbers of codes to try (default: 6 12 24)")
+    parser.add_argument("--strengths", type=float, nargs="+",
+                        help="strengths to try (default: 1.5 2 2.5 3 4)")
+    parser.add_argument("--last-layers", nargs="+", metavar="N|all",
+                        help="steer only codes of the model's last N codebook layers; values "
+                        "to try (default: 1 2 all)")
+    parser.add_argument("--per-head", type=int, help="at most this many codes per head (4)")
+    parser.add_argument("--mode", choices=["add", "replace"], default="add")
+    parser.add_argument("--max-fluency", type=float, help="largest steered/unsteered loss "
+                        "ratio a calibrated setting may have (default: 1.2)")
+    parser.add_argument("--calibration-seed", type=int, help="seed for calibration (default: 1)")
+    parser.add_argument("--calibration-samples", type=int, default=5,
+                        help="samples per prompt for each calibration setting")
+    parser.add_argument("--samples-per-prompt", type=int, default=10,
+                        help="samples per prompt for the final evaluation")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the final evaluation")
+    parser.add_argument("--dry-run", action="store_true", help="measure but do not save")
+    parser.add_argument("--plot", metavar="PNG", help="also plot the rates and the calibration "
+                        "of the topics measured")
+    parser.set_defaults(func=_run_presets)
+
+
+def _last_layers(value) -> int | None:
+    if value is None or value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--last-layers takes positive numbers or 'all', got {value!r}") from None
+
+
+def _run_presets(args) -> None:
+    from codebook import calibrate as grid
+    from codebook.calibrate import calibrate
+    from codebook.steer_eval import steer_eval
+    from codebook.topics import PAPER_TOPICS, load_topics, make_preset, plot_presets, save_topics
+
+    for name, default in (("num_codes", list(grid.NUM_CODES)), ("strengths", list(grid.STRENGTHS)),
+                          ("per_head", grid.PER_HEAD), ("max_fluency", grid.MAX_FLUENCY),
+                          ("calibration_seed", grid.CALIBRATION_SEED),
+                          ("last_layers", list(grid.LAST_LAYERS))):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    args.last_layers = [_last_layers(value) for value in args.last_layers]
+    if args.seed == args.calibration_seed:
+        raise ValueError(f"--seed and --calibration-seed are both {args.seed}: evaluate on a "
+                         "seed the calibration did not choose with")
+    model, directory = _load(args)
+    presets = load_topics(directory)
+    topics = args.topic or list(PAPER_TOPICS)
+    patterns = {topic: _topic_regex(topic, None, presets) for topic in topics}
+    found_all = _topic_results(args, model, directory, patterns)
+    results, lines = {}, []
+    for topic, found in found_all.items():
+        calibration = calibrate(
+            model, found.codes, patterns[topic], num_codes=args.num_codes,
+            strengths=args.strengths, last_layers=args.last_layers, per_head=args.per_head,
+            mode=args.mode, max_fluency=args.max_fluency,
+            samples_per_prompt=args.calibration_samples, max_new_tokens=args.max_new_tokens,
+            seed=args.calibration_seed,
+            progress=args.progress)
+        steering = calibration.steering
+        evaluation = steer_eval(model, steering, patterns[topic],
+                                samples_per_prompt=args.samples_per_prompt,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                progress=args.progress)
+        chosen = set(steering.codes)
+        search = {**found.to_dict(), "codes": [c.to_dict() for c in found.codes if c.ref in chosen],
+                  "corpus": [str(p) for p in args.data]}
+        stats = {"search": search, "calibration": calibration.to_dict(),
+                 "steer_eval": {k: v for k, v in evaluation.items() if k != "steering"}}
+        presets[topic] = make_preset(patterns[topic], steering, stats)
+        results[topic] = presets[topic]
+        base, steered = evaluation["baseline"], evaluation["steered"]
+        layers = sorted({c.layer for c in steering.codes})
+        lines.append(f"{topic:10} /{patterns[topic]}/ {len(steering.codes):3} codes in layers "
+                     f"{','.join(map(str, layers))} x "
+                     f"{steering.strength:g}: {100 * base['rate']:5.1f}% -> "
+                     f"{100 * steered['rate']:5.1f}%, fluency {evaluation['fluency_ratio']:.3f}, "
+                     f"distinct-2 {base['distinct_2']:.3f} -> {steered['distinct_2']:.3f}")
+    rates = [r["stats"]["steer_eval"]["steered"]["rate"] for r in results.values()]
+    baselines = [r["stats"]["steer_eval"]["baseline"]["rate"] for r in results.values()]
+    lines.append(f"mean: {100 * sum(baselines) / len(baselines):.1f}% -> "
+                 f"{100 * sum(rates) / len(rates):.1f}% (seed {args.seed}, "
+                 f"{args.samples_per_prompt} samples per prompt)")
+    if not args.dry_run:
+        lines.append(f"saved to {save_topics(directory, presets)}")
+    if args.plot:
+        lines.append(f"plotted to {plot_presets(results, args.plot)}")
+    _print(args, results, "\n".join(lines))

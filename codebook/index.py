@@ -238,6 +238,32 @@ def encode_documents(
     return encoded, truncated
 
 
+def topic_stories_first(documents: list[str], patterns: dict[str, str],
+                        per_topic: int) -> tuple[list[str], dict[str, int]]:
+    """``documents`` reordered so that up to ``per_topic`` documents matching each regex of
+    ``patterns`` (name → regex) come first, taken in corpus order one topic after another, then
+    all the others in corpus order; and how many were put first for each topic. An index cut to
+    a small ``max_tokens`` then still holds stories about those topics, so searches for them
+    find something."""
+    from codebook.text import compile_regex
+
+    if per_topic < 0:
+        raise ValueError(f"per_topic must be at least 0, got {per_topic}")
+    regexes = {name: compile_regex(pattern) for name, pattern in patterns.items()}
+    chosen: list[int] = []
+    taken = dict.fromkeys(regexes, 0)
+    for name, regex in regexes.items():
+        for d, text in enumerate(documents):
+            if taken[name] == per_topic:
+                break
+            if d not in chosen and regex.search(text):
+                chosen.append(d)
+                taken[name] += 1
+    first = set(chosen)
+    return [documents[d] for d in chosen] + [t for d, t in enumerate(documents)
+                                             if d not in first], taken
+
+
 @torch.no_grad()
 def run_codes(
     model, encoded: list[list[int]], batch_size: int = 16, progress: bool = True,

@@ -9,24 +9,29 @@ overlapping its first capture group, or the whole match when it has none); every
 and codes are ranked by F1, the harmonic mean of the two.
 
 **Topic search**: a regex (a word, say ``dragon``) marks the documents about a topic, those whose
-text matches, and in them the *lead-in* positions: the token just before each match, where the
-model predicts the first token of the topic word. Two statistics rank codes:
+text matches. Three statistics rank codes:
 
-* ``lead-in`` (the default): enrichment, the rate at which a code fires at lead-in positions minus
-  the rate at which it fires everywhere else. For a sum-combined codebook the mean output of a
-  head at lead-in positions minus its mean elsewhere is exactly the sum over codes of enrichment
-  times code vector, so the most enriched codes are those that carry the representational shift
-  that precedes the model writing about the topic; forcing them is what moves generation there.
-  Precision and recall are reported as the share of the code's activations at lead-in positions
-  and the share of lead-in positions where it fires.
+* ``context`` (the default): context precision, the share of a code's activations that fall in a
+  topic document *after* the topic's first mention, shrunk toward chance (the share of all tokens
+  that are such context) by ``prior`` pseudo-activations, so that a code seen twice, both times in
+  context, does not outrank one seen a thousand times, 60% of them in context. Recall is the share
+  of context tokens on which the code fires. A story that has named a dragon goes on being about
+  it, so codes that fire there carry "we are in a dragon story", and forcing them is what moves
+  generation to the topic. In a screen on the default model (24 steering settings per topic,
+  scored by the log-probability of the topic word after story prefixes) context precision gave
+  the largest gain for 5 of the paper's 7 topics, against lead-in enrichment, the share of
+  activations on the word's own tokens and the in-context rate minus the rate elsewhere.
+* ``lead-in``: enrichment at the token just before each match, where the model predicts the
+  first token of the topic word: the rate at which a code fires at lead-ins minus the rate at
+  which it fires everywhere else. For a sum-combined codebook the mean output of a head at
+  lead-ins minus its mean elsewhere is exactly the sum over codes of enrichment times code
+  vector. Precision and recall are the share of the code's activations at lead-ins and the share
+  of lead-ins where it fires.
 * ``document``: document-level concentration. Precision is the share of the code's activations
-  inside topic documents, shrunk toward chance (the share of all tokens that are in topic
-  documents) by ``prior`` pseudo-activations so that a code seen twice, both times in a topic
-  story, does not outrank one seen a thousand times, 95% of them in topic stories; recall is the
-  share of topic documents in which the code fires; codes are ranked by F1. This finds codes
-  that mark topic stories, but with a few hundred codes per head most codes fire somewhere in
-  most stories, and codes that concentrate in topic stories need not be the ones that make the
-  model write the topic word.
+  inside topic documents, shrunk toward chance like ``context``; recall is the share of topic
+  documents in which the code fires; codes are ranked by F1. With a few hundred codes per head
+  most codes fire somewhere in most stories, so this finds codes that mark topic stories but
+  rarely ones that make the model write about the topic.
 
 Both are computed in one pass over documents (:class:`TopicCounter`), from an index or straight
 from a corpus, for several topics at once.
@@ -144,7 +149,7 @@ def code_search(index: CodeIndex, targets: np.ndarray, top: int = 20) -> list[Co
     return scores[:top]
 
 
-STATISTICS = ("lead-in", "document")
+STATISTICS = ("context", "lead-in", "document")
 
 
 @dataclasses.dataclass
@@ -157,12 +162,14 @@ class TopicResult:
     documents: int
     topic_documents: int
     lead_ins: int  # lead-in positions (tokens just before a match)
+    context_tokens: int  # tokens of topic documents after the topic's first mention
     chance: float  # what a code unrelated to the topic scores as precision
 
     def to_dict(self) -> dict:
         return {"regex": self.pattern, "statistic": self.statistic, "documents": self.documents,
                 "topic_documents": self.topic_documents, "lead_ins": self.lead_ins,
-                "chance_precision": self.chance, "codes": [c.to_dict() for c in self.codes]}
+                "context_tokens": self.context_tokens, "chance_precision": self.chance,
+                "codes": [c.to_dict() for c in self.codes]}
 
 
 @dataclasses.dataclass
@@ -171,9 +178,11 @@ class _Topic:
     documents: int = 0
     tokens: int = 0
     lead_ins: int = 0
+    context_tokens: int = 0
     in_documents: np.ndarray | None = None  # activations inside topic documents
     presence: np.ndarray | None = None  # topic documents the code fires in
     at_lead_ins: np.ndarray | None = None  # activations at lead-in positions
+    in_context: np.ndarray | None = None  # activations after the topic's first mention
 
 
 class TopicCounter:
@@ -192,6 +201,7 @@ class TopicCounter:
             topic.in_documents = np.zeros(layout.size, dtype=np.int64)
             topic.presence = np.zeros(layout.size, dtype=np.int64)
             topic.at_lead_ins = np.zeros(layout.size, dtype=np.int64)
+            topic.in_context = np.zeros(layout.size, dtype=np.int64)
             self.topics[name] = topic
 
     def add(self, tokens: np.ndarray, flat: np.ndarray) -> None:
@@ -216,8 +226,13 @@ class TopicCounter:
             topic.presence += counts > 0
             topic.at_lead_ins += np.bincount(flat[lead_ins].reshape(-1),
                                              minlength=self.layout.size)
+            # Context: every token after the one holding the first mention.
+            first = min(firsts)
+            topic.context_tokens += len(tokens) - first - 1
+            topic.in_context += np.bincount(flat[first + 1:].reshape(-1),
+                                            minlength=self.layout.size)
 
-    def result(self, name: str, statistic: str = "lead-in", top: int = 20,
+    def result(self, name: str, statistic: str = "context", top: int = 20,
                prior: float = 10.0) -> TopicResult:
         """Codes ranked for topic ``name`` (see the module docstring for the statistics)."""
         if statistic not in STATISTICS:
@@ -235,6 +250,18 @@ class TopicCounter:
             precision = (topic.in_documents + prior * chance) / (self.counts + prior)
             recall = topic.presence / topic.documents
             score, hits = f1(precision, recall), topic.in_documents
+        elif statistic == "context":
+            if topic.context_tokens == 0:
+                raise ValueError(f"every document matching {pattern!r} ends at its first "
+                                 "match: there is no text after a mention to learn from")
+            if topic.context_tokens == self.tokens:
+                raise ValueError(f"every token of the corpus follows a match of {pattern!r}, "
+                                 "so no code can be specific to it")
+            chance = topic.context_tokens / self.tokens
+            hits = topic.in_context
+            precision = (hits + prior * chance) / (self.counts + prior)
+            recall = hits / topic.context_tokens
+            score = precision
         else:
             if topic.lead_ins == 0:
                 raise ValueError(f"every match of {pattern!r} starts a document: there is no "
@@ -245,19 +272,20 @@ class TopicCounter:
             recall = hits / topic.lead_ins
             elsewhere = (self.counts - hits) / max(self.tokens - topic.lead_ins, 1)
             score = recall - elsewhere
-        order = np.lexsort((-precision, -score))[:top]
+        fired = np.nonzero(self.counts)[0]  # a code that never fired says nothing of the topic
+        order = fired[np.lexsort((-precision[fired], -score[fired]))][:top]
         codes = [
             CodeScore(self.layout.ref(int(i)), float(precision[i]), float(recall[i]),
                       int(hits[i]), int(self.counts[i]), float(score[i]))
             for i in order
         ]
         return TopicResult(pattern, statistic, codes, self.documents, topic.documents,
-                           topic.lead_ins, chance)
+                           topic.lead_ins, topic.context_tokens, chance)
 
 
 def topic_search(
     documents, layout: Layout, surfaces: list[str], patterns: dict[str, str],
-    statistic: str = "lead-in", top: int = 20, ignore_case: bool = True,
+    statistic: str = "context", top: int = 20, ignore_case: bool = True,
 ) -> dict[str, TopicResult]:
     """Topic search for each of ``patterns`` (name → regex) over ``documents``, an iterable of
     ``(token ids, flat codes)`` (:meth:`CodeIndex.documents`, :func:`corpus_documents`)."""

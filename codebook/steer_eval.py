@@ -92,22 +92,60 @@ def distinct_2(text: str) -> float | None:
     return len(set(bigrams)) / len(bigrams) if bigrams else None
 
 
-def _summary(texts: list[str], regex: re.Pattern, nll: float, tokens: int, lengths: list[int]):
-    diversity = [d for d in map(distinct_2, texts) if d is not None]
-    return {
-        "rate": sum(bool(regex.search(t)) for t in texts) / len(texts),
-        "loss": nll / tokens if tokens else None,
-        "distinct_2": sum(diversity) / len(diversity) if diversity else None,
-        "mean_length": sum(lengths) / len(lengths),
-    }
-
-
-def steer_eval(
-    model, steering: Steering, regex: str, prompts=PAPER_PROMPTS, samples_per_prompt: int = 10,
-    max_new_tokens: int = 200, temperature: float = 1.0, seed: int = 0, progress: bool = True,
-    keep_samples: bool = False,
+def sample_prompts(
+    model, steering: Steering | None, prompts=PAPER_PROMPTS, samples_per_prompt: int = 10,
+    max_new_tokens: int = 200, temperature: float = 1.0, seed: int = 0, bar=None,
 ) -> dict:
-    """Steered and baseline success rates, fluency and diversity (see the module docstring)."""
+    """Samples for every prompt (seed ``seed * 1000 + prompt number``) and their loss with
+    steering off: ``{"texts", "prompt", "lengths", "nll", "tokens"}``, one entry per sample in
+    ``texts``, ``prompt`` and ``lengths``. ``bar`` (a tqdm bar) advances once per prompt."""
+    run = {"texts": [], "prompt": [], "lengths": [], "nll": 0.0, "tokens": 0}
+    for p, prompt in enumerate(prompts):
+        prompt_ids = encode_document(model.tokenizer, prompt)
+        continuations = sample(model, prompt_ids, samples_per_prompt, max_new_tokens,
+                               temperature, seed * 1000 + p, steering)
+        nll, tokens = continuation_loss(model, prompt_ids, continuations)
+        run["texts"] += [continuation_text(model.tokenizer, prompt_ids, c) for c in continuations]
+        run["prompt"] += [prompt] * len(continuations)
+        run["lengths"] += [len(c) for c in continuations]
+        run["nll"] += nll
+        run["tokens"] += tokens
+        if bar is not None:
+            bar.update()
+    return run
+
+
+def summarize(run: dict, regex: re.Pattern, prompts, keep_samples: bool = False) -> dict:
+    """Success rate (overall and per prompt), loss, distinct-2 and length of a
+    :func:`sample_prompts` run."""
+    texts = run["texts"]
+    success = [bool(regex.search(t)) for t in texts]
+    diversity = [d for d in map(distinct_2, texts) if d is not None]
+    summary = {
+        "rate": sum(success) / len(texts),
+        "loss": run["nll"] / run["tokens"] if run["tokens"] else None,
+        "distinct_2": sum(diversity) / len(diversity) if diversity else None,
+        "mean_length": sum(run["lengths"]) / len(run["lengths"]),
+        "per_prompt": {},
+    }
+    for prompt in prompts:
+        mine = [ok for ok, q in zip(success, run["prompt"], strict=True) if q == prompt]
+        summary["per_prompt"][prompt] = sum(mine) / len(mine)
+    if keep_samples:
+        summary["samples"] = [{"prompt": q, "continuation": t}
+                              for q, t in zip(run["prompt"], texts, strict=True)]
+    return summary
+
+
+def fluency_ratio(steered: dict, baseline: dict) -> float | None:
+    """Steered over baseline loss (both under the model with steering off)."""
+    if not baseline["loss"] or not steered["loss"]:
+        return None
+    return steered["loss"] / baseline["loss"]
+
+
+def check_sampling(model, prompts, samples_per_prompt: int, max_new_tokens: int,
+                   temperature: float) -> None:
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer: steering evaluation needs one")
     if samples_per_prompt < 1 or max_new_tokens < 1:
@@ -116,26 +154,16 @@ def steer_eval(
         raise ValueError("no prompts to evaluate")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+def steer_eval(
+    model, steering: Steering, regex: str, prompts=PAPER_PROMPTS, samples_per_prompt: int = 10,
+    max_new_tokens: int = 200, temperature: float = 1.0, seed: int = 0, progress: bool = True,
+    keep_samples: bool = False,
+) -> dict:
+    """Steered and baseline success rates, fluency and diversity (see the module docstring)."""
+    check_sampling(model, prompts, samples_per_prompt, max_new_tokens, temperature)
     pattern = compile_regex(regex)
-    runs = {"baseline": None, "steered": steering}
-    collected = {name: {"texts": [], "nll": 0.0, "tokens": 0, "lengths": [], "prompt": []}
-                 for name in runs}
-    bar = tqdm(total=2 * len(prompts), desc="steer-eval", unit="batch", disable=not progress)
-    for p, prompt in enumerate(prompts):
-        prompt_ids = encode_document(model.tokenizer, prompt)
-        for name, run_steering in runs.items():
-            continuations = sample(model, prompt_ids, samples_per_prompt, max_new_tokens,
-                                   temperature, seed * 1000 + p, run_steering)
-            nll, tokens = continuation_loss(model, prompt_ids, continuations)
-            texts = [continuation_text(model.tokenizer, prompt_ids, c) for c in continuations]
-            entry = collected[name]
-            entry["texts"] += texts
-            entry["nll"] += nll
-            entry["tokens"] += tokens
-            entry["lengths"] += [len(c) for c in continuations]
-            entry["prompt"] += [prompt] * len(texts)
-            bar.update()
-    bar.close()
     result = {
         "regex": regex,
         "steering": steering.to_dict(),
@@ -145,18 +173,11 @@ def steer_eval(
         "temperature": temperature,
         "seed": seed,
     }
-    for name, entry in collected.items():
-        result[name] = _summary(entry["texts"], pattern, entry["nll"], entry["tokens"],
-                                entry["lengths"])
-        result[name]["per_prompt"] = {
-            prompt: sum(bool(pattern.search(t)) for t, q in zip(entry["texts"], entry["prompt"],
-                                                                   strict=True) if q == prompt)
-            / samples_per_prompt
-            for prompt in prompts
-        }
-        if keep_samples:
-            result[name]["samples"] = [{"prompt": q, "continuation": t} for q, t in
-                                       zip(entry["prompt"], entry["texts"], strict=True)]
-    base_loss, steered_loss = result["baseline"]["loss"], result["steered"]["loss"]
-    result["fluency_ratio"] = steered_loss / base_loss if base_loss and steered_loss else None
+    with tqdm(total=2 * len(prompts), desc="steer-eval", unit="batch",
+              disable=not progress) as bar:
+        for name, run_steering in (("baseline", None), ("steered", steering)):
+            run = sample_prompts(model, run_steering, prompts, samples_per_prompt,
+                                 max_new_tokens, temperature, seed, bar)
+            result[name] = summarize(run, pattern, prompts, keep_samples)
+    result["fluency_ratio"] = fluency_ratio(result["steered"], result["baseline"])
     return result

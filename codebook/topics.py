@@ -97,3 +97,65 @@ def make_preset(regex: str, steering: Steering, stats: dict) -> dict:
     preset["stats"] = stats
     return preset
 
+
+
+def plot_presets(topics: dict, path: str | Path) -> Path:
+    """A PNG of how the presets steer, from their stats: per topic the unsteered and steered
+    rates of the steering evaluation (with its fluency ratio above the bars) and, where a preset
+    was calibrated, every calibration setting's rate against its fluency ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluated = {name: p["stats"]["steer_eval"] for name, p in topics.items()
+                 if "steer_eval" in p.get("stats", {})}
+    if not evaluated:
+        raise ValueError("no preset has a steering evaluation (stats.steer_eval) to plot")
+    calibrated = {name: p["stats"]["calibration"] for name, p in topics.items()
+                  if "calibration" in p.get("stats", {})}
+    fig, axes = plt.subplots(1, 2 if calibrated else 1, figsize=(13 if calibrated else 7, 4.2),
+                             squeeze=False)
+    ax = axes[0, 0]
+    names = list(evaluated)
+    xs = range(len(names))
+    base = [100 * evaluated[n]["baseline"]["rate"] for n in names]
+    steered = [100 * evaluated[n]["steered"]["rate"] for n in names]
+    ax.bar([x - 0.2 for x in xs], base, 0.4, label="unsteered", color="tab:gray")
+    ax.bar([x + 0.2 for x in xs], steered, 0.4, label="steered", color="tab:blue")
+    for x, n, height in zip(xs, names, steered, strict=True):
+        ratio = evaluated[n].get("fluency_ratio")
+        if ratio is not None:
+            ax.text(x + 0.2, height + 1, f"{ratio:.2f}x", ha="center", fontsize=7)
+    first = evaluated[names[0]]
+    ax.set_xticks(list(xs), names)
+    ax.set(ylabel="stories mentioning the topic (%)", ylim=(0, 105),
+           title=f"steering evaluation (seed {first.get('seed')}, "
+                 f"{first.get('samples_per_prompt')} samples x {len(first.get('prompts', []))} "
+                 "prompts; fluency ratio above)")
+    ax.title.set_fontsize(9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if calibrated:
+        ax = axes[0, 1]
+        for name, record in calibrated.items():
+            trials = [t for t in record["trials"] if t["fluency_ratio"] is not None]
+            line, = ax.plot([t["fluency_ratio"] for t in trials],
+                            [100 * t["rate"] for t in trials], "o", ms=4, alpha=0.6, label=name)
+            chosen = record["trials"][record["chosen"]]
+            if chosen["fluency_ratio"] is not None:
+                ax.plot(chosen["fluency_ratio"], 100 * chosen["rate"], "*", ms=12,
+                        color=line.get_color(), markeredgecolor="black")
+            limit = record.get("max_fluency")
+        if limit is not None:
+            ax.axvline(limit, color="black", ls="--", lw=1, label=f"limit {limit:g}x")
+        ax.set(xlabel="fluency ratio (steered / unsteered loss)", ylabel="steered (%)",
+               title="calibration settings (seed "
+                     f"{next(iter(calibrated.values())).get('seed')}; star: chosen)")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

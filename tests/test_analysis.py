@@ -10,7 +10,14 @@ from transformers import PreTrainedTokenizerFast
 
 from codebook import CodeRef, attach_codebooks
 from codebook.contexts import code_summary
-from codebook.index import CodeIndex, Layout, Site, build_index, corpus_documents
+from codebook.index import (
+    CodeIndex,
+    Layout,
+    Site,
+    build_index,
+    corpus_documents,
+    topic_stories_first,
+)
 from codebook.promote import promoted_tokens, residual_vector
 from codebook.search import (
     CodeScore,
@@ -270,10 +277,21 @@ def test_code_summary_counts_and_marks_contexts():
     assert [c["rank"] for c in summary["contexts"]] == [0, 0, 1]
 
 
+def test_topic_stories_first_puts_up_to_n_matching_stories_first_in_corpus_order():
+    docs = ["a cat", "a dragon", "the king", "a dog", "dragon and king", "another dragon"]
+    ordered, taken = topic_stories_first(docs, {"dragon": "dragon", "royal": r"\bking"}, 2)
+    assert ordered == ["a dragon", "dragon and king", "the king", "a cat", "a dog",
+                       "another dragon"]
+    assert taken == {"dragon": 2, "royal": 1}  # the one king story left was used already
+    assert topic_stories_first(docs, {"dragon": "dragon"}, 0) == (docs, {"dragon": 0})
+    with pytest.raises(ValueError, match="invalid regex"):
+        topic_stories_first(docs, {"bad": "drag(on"}, 1)
+
+
 # -- topic search --------------------------------------------------------------------------------
 
 
-def search(model, docs, pattern="dragon", statistic="lead-in"):
+def search(model, docs, pattern="dragon", statistic="context"):
     surfaces = token_surfaces(model.tokenizer)
     documents = corpus_documents(model, docs, progress=False)
     return topic_search(documents, Layout.of_model(model), surfaces, {"t": pattern},
@@ -295,7 +313,7 @@ def test_document_statistic_finds_the_code_planted_on_the_topic_word():
 
 def test_lead_in_statistic_finds_the_code_planted_on_the_word_before_the_topic():
     model = identity_model("big")  # code 5 fires on "big", which always precedes "dragon"
-    result = search(model, corpus(12, topic_every=3))
+    result = search(model, corpus(12, topic_every=3), statistic="lead-in")
     assert result.lead_ins == 12
     best = result.codes[0]
     assert best.ref == CodeRef(0, "block_out", 0, 5)
@@ -303,6 +321,49 @@ def test_lead_in_statistic_finds_the_code_planted_on_the_word_before_the_topic()
     assert (best.recall, best.precision, best.score) == (1.0, 1.0, 1.0)
     # The document statistic sees the "big" code as no better than the "dragon" code would be.
     assert search(model, corpus(12, topic_every=3), statistic="document").codes[0].recall == 1.0
+
+
+def context_corpus() -> list[str]:
+    """Four dragon stories that mention "cave" after the dragon (one also before it), and eight
+    other stories, one of which has a cave."""
+    topic = ["cave the cat sat . big dragon ran . cave cave .",
+             "a dog sat . big dragon cave ran cave .",
+             "the cat ran . big dragon sat cave . cave",
+             "big dragon . the dog ran cave cave ."]
+    other = ["the cat sat . a dog ran .", "a small dog sat . the cat ran .",
+             "the dog ran . a cat sat . cave", "a cat ran . the small dog sat ."] * 2
+    other[5] = "the small cat ran . a dog sat ."
+    return topic + other
+
+
+def test_context_statistic_finds_the_code_planted_after_the_first_mention():
+    model = identity_model("cave")  # code 5 fires on "cave" and nowhere else
+    docs = context_corpus()
+    result = search(model, docs, statistic="context")
+    # By hand: a document is its BOS plus one token per word; context starts after the token
+    # holding the first "dragon".
+    tokens = sum(1 + len(d.split()) for d in docs)
+    context, hits, count = 0, 0, 0
+    for d in docs:
+        words = d.split()
+        count += words.count("cave")
+        if "dragon" in words:
+            first = words.index("dragon")
+            context += len(words) - first - 1
+            hits += words[first + 1:].count("cave")
+    assert (result.context_tokens, result.topic_documents) == (context, 4)
+    assert (hits, count) == (8, 11)  # the corpus is as described
+    # k = 3: two other codes happen to fire on "cave" alone too, and tie with the planted one.
+    best = next(c for c in result.codes if c.ref == CodeRef(0, "block_out", 0, 5))
+    assert best.score == result.codes[0].score and result.codes[3].score < best.score
+    assert (best.hits, best.count) == (hits, count)
+    chance = context / tokens
+    assert result.chance == pytest.approx(chance)
+    assert best.precision == pytest.approx((hits + 10 * chance) / (count + 10))
+    assert best.recall == pytest.approx(hits / context)
+    # "cave" never comes just before "dragon": the lead-in statistic does not see this code.
+    lead_in = search(model, docs, statistic="lead-in")
+    assert CodeRef(0, "block_out", 0, 5) not in [c.ref for c in lead_in.codes[:3]]
 
 
 def test_topic_search_errors_name_the_problem():
@@ -316,6 +377,8 @@ def test_topic_search_errors_name_the_problem():
         search(model, docs, "[dragon")
     with pytest.raises(ValueError, match="corpus is empty"):
         search(model, [])
+    with pytest.raises(ValueError, match="ends at its first match"):
+        search(model, ["the cat dragon", "a dog sat"], statistic="context")
 
 
 def test_select_codes_respects_per_head_and_total_limits():

@@ -8,12 +8,15 @@ import re
 import pytest
 import torch
 
-from codebook import CodebookModel, Steering, attach_codebooks
+from codebook import CodebookModel, CodeRef, Steering, attach_codebooks
 from codebook.__main__ import main
+from codebook.calibrate import calibrate
 from codebook.index import CodeIndex
+from codebook.search import CodeScore
 from codebook.steer_eval import distinct_2, steer_eval
-from codebook.topics import load_topics, make_preset, preset_steering, save_topics
-from tests.test_analysis import WORDS, corpus, identity_model, with_tokenizer
+from codebook.text import encode_document
+from codebook.topics import load_topics, make_preset, plot_presets, preset_steering, save_topics
+from tests.test_analysis import WORDS, corpus, identity_model, with_tokenizer, word_tokenizer
 from tests.tiny_models import VOCAB, tiny_base
 
 
@@ -120,6 +123,89 @@ def test_distinct_2():
     assert distinct_2("alone") is None
 
 
+# -- calibration --------------------------------------------------------------------------------
+
+
+def ranked_planted_first():
+    """Topic-search output with the steering code first, then two codes that change nothing."""
+    refs = [CodeRef.parse(PLANTED), CodeRef(1, "block_out", 0, 3), CodeRef(1, "block_out", 0, 7)]
+    return [CodeScore(ref, 1.0, 1.0, 1, 1, 1.0 - i / 10) for i, ref in enumerate(refs)]
+
+
+def test_calibration_keeps_the_strongest_setting_within_the_fluency_limit():
+    model = steerable_model()
+    grid = dict(num_codes=(1,), strengths=(0.05, 1.0), per_head=3, mode="add",
+                prompts=PROMPTS, samples_per_prompt=3, max_new_tokens=5, progress=False)
+    loose = calibrate(model, ranked_planted_first(), "dragon", max_fluency=1000, **grid)
+    weak, strong = loose.trials
+    assert (weak["strength"], strong["strength"]) == (0.05, 1.0)
+    # Code 5 at full strength always writes "dragon", at 0.05 never; the baseline never does.
+    assert (loose.baseline_rate, weak["rate"], strong["rate"]) == (0.0, 0.0, 1.0)
+    assert strong["fluency_ratio"] > 5 and weak["fluency_ratio"] < 1.01
+    assert loose.chosen == 1 and loose.steering.strength == 1.0
+    assert loose.steering.codes == [CodeRef.parse(PLANTED)]
+    # With a tight limit the strong setting is too disfluent: the weak one is kept.
+    tight = calibrate(model, ranked_planted_first(), "dragon", max_fluency=1.5, **grid)
+    assert tight.chosen == 0 and tight.steering.strength == 0.05
+    assert tight.to_dict()["fluency_met"] is True
+    # Nothing within the limit: the most fluent setting, and the record says so.
+    grid["strengths"] = (1.0, 0.5)
+    none = calibrate(model, ranked_planted_first(), "dragon", max_fluency=2.0, **grid)
+    assert [t["strength"] for t in none.trials] == [0.5, 1.0]
+    assert 2.0 < none.trials[0]["fluency_ratio"] < none.trials[1]["fluency_ratio"]
+    assert none.chosen == 0 and none.to_dict()["fluency_met"] is False
+
+
+def test_calibration_measures_what_steer_eval_measures():
+    model = steerable_model()
+    found = calibrate(model, ranked_planted_first(), r"\bw1\d\b|dragon", num_codes=(1, 3),
+                      strengths=(0.5,), per_head=3, prompts=PROMPTS, samples_per_prompt=3,
+                      max_new_tokens=6, seed=4, progress=False)
+    assert [t["num_codes"] for t in found.trials] == [1, 3]
+    assert found.steering.codes == [c.ref for c in ranked_planted_first()][:found.trials[
+        found.chosen]["num_codes"]]
+    for n, trial in zip((1, 3), found.trials, strict=True):
+        steering = Steering([c.ref for c in ranked_planted_first()][:n], strength=0.5)
+        again = steer_eval(model, steering, r"\bw1\d\b|dragon", prompts=PROMPTS,
+                           samples_per_prompt=3, max_new_tokens=6, seed=4, progress=False)
+        assert trial["rate"] == again["steered"]["rate"]
+        assert trial["fluency_ratio"] == pytest.approx(again["fluency_ratio"])
+        assert found.baseline_rate == again["baseline"]["rate"]
+
+
+def test_calibration_restricts_codes_to_the_last_layers():
+    base = tiny_base("llama", 0)
+    model = with_tokenizer(attach_codebooks(base, sites=["block_out"], layers=[0, 1],
+                                            num_codes=24, k=3).eval())
+    # Ranked: a layer-0 code first, then layer-1 codes.
+    refs = [CodeRef(0, "block_out", 0, 2), CodeRef(1, "block_out", 0, 4),
+            CodeRef(1, "block_out", 0, 6)]
+    ranked = [CodeScore(ref, 1.0, 1.0, 1, 1, 1.0 - i / 10) for i, ref in enumerate(refs)]
+    run = dict(num_codes=(2,), strengths=(1.0,), prompts=("",), samples_per_prompt=1,
+               max_new_tokens=2, progress=False)
+    last = calibrate(model, ranked, "dragon", last_layers=(1,), **run)
+    assert [t["layers"] for t in last.trials] == [[1]]
+    assert last.steering.codes == refs[1:]
+    both = calibrate(model, ranked, "dragon", last_layers=(1, 2, None), **run)
+    # "last 2" and "all" are the same two layers here: tried once.
+    assert [t["layers"] for t in both.trials] == [[1], [0, 1]]
+    assert both.to_dict()["last_layers_grid"] == [1, 2, None]
+    with pytest.raises(ValueError, match="last_layers must be positive"):
+        calibrate(model, ranked, "dragon", last_layers=(0,), **run)
+
+
+def test_calibration_errors_name_the_problem():
+    model = steerable_model()
+    with pytest.raises(ValueError, match="max_fluency must be above 1"):
+        calibrate(model, ranked_planted_first(), "dragon", max_fluency=0.9, progress=False)
+    with pytest.raises(ValueError, match="at least one number of codes"):
+        calibrate(model, ranked_planted_first(), "dragon", num_codes=(), progress=False)
+    with pytest.raises(ValueError, match="invalid regex"):
+        calibrate(model, ranked_planted_first(), "drag(on", progress=False)
+    with pytest.raises(ValueError, match="topic search found no code to steer with"):
+        calibrate(model, [], "dragon", progress=False)
+
+
 def test_presets_round_trip_and_become_steerings(tmp_path):
     preset = make_preset("dragon", STEER, {"note": 1})
     path = save_topics(tmp_path, {"dragon": preset})
@@ -190,6 +276,42 @@ def test_cli_index_code_search_topics(model_dir, data_file, capsys):
     assert "dragon: /dragon/ 1 codes" in out
 
 
+def test_cli_index_can_put_stories_about_the_presets_first(model_dir, data_file, capsys):
+    # corpus(): every third story (0, 3, 6, 9) mentions the dragon; keep room for two stories.
+    docs = data_file.read_text().split("\n<|endoftext|>\n")
+    save_topics(model_dir, {"dragon": make_preset("dragon", STEER, {})})
+    first_two = sum(len(encode_document(word_tokenizer(), d)) for d in docs[:2])
+    argv = ["index", "--model", model_dir, "--data", data_file, "--max-tokens", first_two,
+            "--no-progress"]
+    run_cli(capsys, *argv)
+    plain = CodeIndex.load(model_dir)
+    assert plain.num_documents == 2 and "topic_stories_first" not in plain.meta
+    status, _, _ = run_cli(capsys, *argv[:-1], "--topic-stories", 3, "--max-tokens", 10_000)
+    index = CodeIndex.load(model_dir)
+    assert status == 0 and index.meta["topic_stories_first"] == {"dragon": 3}
+    texts = [word_tokenizer().decode(index.document(d), skip_special_tokens=True)
+             for d in range(index.num_documents)]
+    assert texts[:4] == [docs[0], docs[3], docs[6], docs[1]]
+    (model_dir / "topics.json").unlink()
+    status, _, err = run_cli(capsys, *argv, "--topic-stories", 1)
+    assert status == 1 and "--topic-stories needs topic presets" in err
+
+
+def test_cli_topic_steering_takes_codes_from_the_last_layers(tmp_path, data_file, capsys):
+    directory = tmp_path / "two-layer"
+    with_tokenizer(attach_codebooks(tiny_base("llama", 0), sites=["block_out"], layers=[0, 1],
+                                    num_codes=24, k=3).eval()).save_pretrained(directory)
+    argv = ["topics", "--model", directory, "--data", data_file, "--topic", "dragon",
+            "--max-codes", 6, "--no-progress", "--json"]
+    layers_of = lambda out: {int(c.split(":")[0]) for c in json.loads(out)["dragon"]["selected"]}
+    status, out, _ = run_cli(capsys, *argv)  # default: the last layer
+    assert status == 0 and layers_of(out) == {1}
+    status, out, _ = run_cli(capsys, *argv, "--last-layers", "all")
+    assert status == 0 and layers_of(out) == {0, 1}
+    status, _, err = run_cli(capsys, *argv, "--last-layers", "0")
+    assert status == 1 and "--last-layers takes positive numbers or 'all', got 0" in err
+
+
 def test_cli_generate_and_steer_eval(tmp_path, capsys):
     directory = tmp_path / "steerable"
     steerable_model().save_pretrained(directory)
@@ -214,6 +336,44 @@ def test_cli_generate_and_steer_eval(tmp_path, capsys):
                              "--max-new-tokens", 2, "--json")
     assert json.loads(out)["codes_source"] == "preset"
     assert json.loads(out)["steered"] == "dragon dragon"  # empty prompt: no leading space
+
+
+def test_cli_presets_search_calibrate_evaluate_and_save(model_dir, data_file, capsys):
+    save_topics(model_dir, {"kept": make_preset("cat", STEER, {})})
+    argv = ["presets", "--model", model_dir, "--data", data_file, "--topic", "dragon",
+            "--num-codes", 1, 2, "--strengths", 1.5, "--calibration-samples", 1,
+            "--samples-per-prompt", 2, "--max-new-tokens", 3, "--no-progress"]
+    status, out, _ = run_cli(capsys, *argv, "--json", "--plot", model_dir / "steering.png")
+    assert status == 0
+    assert (model_dir / "steering.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    preset = load_topics(model_dir)["dragon"]
+    assert json.loads(out)["dragon"] == preset
+    assert "kept" in load_topics(model_dir)  # other presets stay
+    stats = preset["stats"]
+    calibration, evaluation = stats["calibration"], stats["steer_eval"]
+    assert [t["num_codes"] for t in calibration["trials"]] == [1, 2]
+    assert (calibration["seed"], evaluation["seed"]) == (1, 0)
+    assert evaluation["samples_per_prompt"] == 2 and len(evaluation["prompts"]) == 4
+    chosen = calibration["trials"][calibration["chosen"]]
+    assert len(preset["codes"]) == chosen["num_codes"] and preset["strength"] == 1.5
+    # The preset forces the best-ranked codes of the context search, recorded with it.
+    assert stats["search"]["statistic"] == "context"
+    assert [{k: c[k] for k in ("layer", "site", "head", "code")}
+            for c in stats["search"]["codes"]] == preset["codes"]
+    # The evaluation is the preset's own steer-eval on seed 0.
+    status, out, _ = run_cli(capsys, "steer-eval", "--model", model_dir, "--topic", "dragon",
+                             "--samples-per-prompt", 2, "--max-new-tokens", 3, "--no-progress",
+                             "--json")
+    again = json.loads(out)
+    assert again["codes_source"] == "preset"
+    assert again["steered"]["rate"] == evaluation["steered"]["rate"]
+    assert again["fluency_ratio"] == pytest.approx(evaluation["fluency_ratio"])
+    status, _, err = run_cli(capsys, *argv, "--seed", 1)
+    assert status == 1 and "--seed and --calibration-seed are both 1" in err
+    status, _, err = run_cli(capsys, *argv, "--last-layers", "1", "late")
+    assert status == 1 and "--last-layers takes positive numbers or 'all', got 'late'" in err
+    with pytest.raises(ValueError, match="no preset has a steering evaluation"):
+        plot_presets({"kept": load_topics(model_dir)["kept"]}, model_dir / "none.png")
 
 
 def test_cli_errors_are_one_clear_line(model_dir, data_file, tmp_path, capsys):

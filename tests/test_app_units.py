@@ -502,3 +502,18 @@ def test_without_an_index_searches_say_so_and_codes_still_show_what_they_promote
     details = analysis.code_details(bare, CodeRef(1, "attn_heads", 2, 3))
     assert details["count"] is None and details["contexts"] is None
     assert len(details["promoted_tokens"]) == 12
+
+
+def test_a_presets_measured_steering_is_stated_only_when_recorded():
+    from app.tabs.steer import measured
+
+    stats = {"steer_eval": {"steered": {"rate": 0.9}, "baseline": {"rate": 0.35},
+                            "samples_per_prompt": 10, "prompts": ["", "a", "b", "c"],
+                            "fluency_ratio": 1.234}}
+    assert measured({"codes": [], "stats": stats}) == (
+        "Measured: 90% of 40 sampled stories mention it, against 35% unsteered, text loss "
+        "1.23x unsteered. ")
+    assert measured({"codes": []}) == ""
+    assert measured({"codes": [], "stats": {"steer_eval": {"steered": {}}}}) == ""
+    stats["steer_eval"]["fluency_ratio"] = None
+    assert measured({"codes": [], "stats": stats}).endswith("against 35% unsteered. ")

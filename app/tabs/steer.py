@@ -73,6 +73,22 @@ def topic_buttons(loaded: LoadedModel) -> list[dict]:
             + [gr.update(visible=False)] * (MAX_TOPIC_BUTTONS - len(names)))
 
 
+def measured(preset: dict) -> str:
+    """How well a preset steered in its recorded steering evaluation, as a sentence ("" when it
+    has none): a visitor should know a preset that moves one story in ten from one that moves
+    nine."""
+    result = preset.get("stats", {}).get("steer_eval")
+    try:
+        steered, baseline = result["steered"]["rate"], result["baseline"]["rate"]
+        samples = result["samples_per_prompt"] * len(result["prompts"])
+    except (KeyError, TypeError):
+        return ""
+    fluency = result.get("fluency_ratio")
+    fluency = f", text loss {fluency:.2f}x unsteered" if isinstance(fluency, float) else ""
+    return (f"Measured: {steered:.0%} of {samples} sampled stories mention it, against "
+            f"{baseline:.0%} unsteered{fluency}. ")
+
+
 def topic_hint(loaded: LoadedModel) -> str:
     if loaded.topics:
         return ("**Steer toward a topic**: a click switches on codes that fire in stories about "
@@ -86,7 +102,7 @@ def search_note(loaded: LoadedModel) -> str:
         # Which stories are searched: a small index knows few words, and the visitor should
         # see why a word finds nothing.
         return (f"Searches the stories of the model's code index ({index_summary(loaded)}) "
-                "for codes that fire just before the word.")
+                "for codes that fire in stories after the word's first mention.")
     return ("This model has no code index, so codes cannot be searched; steering with codes "
             "you know still works.")
 
@@ -178,7 +194,7 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         steering = preset_steering(preset)
         codes_now = [str(c) for c in steering.codes]
         note = (f"Steering toward **{topic}**: {len(codes_now)} codes switched on. "
-                "Press **Generate**.")
+                f"{measured(preset)}Press **Generate**.")
         return (chips(codes_now), steering.strength, steering.mode, steering.positions,
                 preset.get("regex", topic), note)
 
