@@ -150,15 +150,11 @@ def _topic_steering(args, model, found):
     """The steering a topic search result gives: its best codes of the last ``--last-layers``
     codebook layers, within the per-head limit."""
     from codebook.index import Layout
-    from codebook.search import select_codes
+    from codebook.search import last_layers, select_codes
     from codebook.steering import Steering
 
     layout = Layout.of_model(model)
-    last = _last_layers(args.last_layers)
-    if last is not None and last < 1:
-        raise ValueError(f"--last-layers takes positive numbers or 'all', got {last}")
-    layers = sorted({site.layer for site in layout.sites})
-    layers = layers if last is None else layers[-last:]
+    layers = last_layers(layout, _last_layers(args.last_layers))
     ranked = [score for score in found.codes if score.ref.layer in layers]
     if not ranked:
         raise ValueError(f"topic search found no code in layers {layers} (--last-layers "
@@ -558,9 +554,16 @@ def _last_layers(value) -> int | None:
     if value is None or value == "all":
         return None
     try:
-        return int(value)
+        last = int(value)
     except ValueError:
         raise ValueError(f"--last-layers takes positive numbers or 'all', got {value!r}") from None
+    if last < 1:
+        raise ValueError(f"--last-layers takes positive numbers or 'all', got {last}")
+    return last
+
+
+def _maybe(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "-"
 
 
 def _run_presets(args) -> None:
@@ -608,10 +611,11 @@ def _run_presets(args) -> None:
         base, steered = evaluation["baseline"], evaluation["steered"]
         layers = sorted({c.layer for c in steering.codes})
         lines.append(f"{topic:10} /{patterns[topic]}/ {len(steering.codes):3} codes in layers "
-                     f"{','.join(map(str, layers))} x "
-                     f"{steering.strength:g}: {100 * base['rate']:5.1f}% -> "
-                     f"{100 * steered['rate']:5.1f}%, fluency {evaluation['fluency_ratio']:.3f}, "
-                     f"distinct-2 {base['distinct_2']:.3f} -> {steered['distinct_2']:.3f}")
+                     f"{','.join(map(str, layers))} x {steering.strength:g}: "
+                     f"{100 * base['rate']:5.1f}% -> {100 * steered['rate']:5.1f}%, fluency "
+                     + _maybe(evaluation["fluency_ratio"])
+                     + f", distinct-2 {_maybe(base['distinct_2'])} -> "
+                     f"{_maybe(steered['distinct_2'])}")
     rates = [r["stats"]["steer_eval"]["steered"]["rate"] for r in results.values()]
     baselines = [r["stats"]["steer_eval"]["baseline"]["rate"] for r in results.values()]
     lines.append(f"mean: {100 * sum(baselines) / len(baselines):.1f}% -> "

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from codebook.index import Layout
 from codebook.search import CodeScore, select_codes
+from codebook.search import last_layers as layers_of
 from codebook.steer_eval import (
     PAPER_PROMPTS,
     check_sampling,
@@ -79,12 +80,9 @@ def calibrate(
         raise ValueError(f"max_fluency must be above 1 (a ratio of losses), got {max_fluency}")
     pattern = compile_regex(regex)
     layout = Layout.of_model(model)
-    model_layers = sorted({site.layer for site in layout.sites})
     layer_sets = []
-    for last in dict.fromkeys(last_layers):
-        if last is not None and last < 1:
-            raise ValueError(f"last_layers must be positive (or None for all), got {last}")
-        layers = model_layers if last is None else model_layers[-last:]
+    for last in last_layers:
+        layers = layers_of(layout, last)
         if layers not in layer_sets:
             layer_sets.append(layers)
     if not any(score.ref.layer in layers for layers in layer_sets for score in ranked):

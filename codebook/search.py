@@ -297,6 +297,16 @@ def topic_search(
     return {name: counter.result(name, statistic, top) for name in patterns}
 
 
+def last_layers(layout: Layout, last: int | None) -> list[int]:
+    """The model's last ``last`` codebook layers, in order (all of them for ``None``)."""
+    layers = sorted({site.layer for site in layout.sites})
+    if last is None:
+        return layers
+    if last < 1:
+        raise ValueError(f"last_layers must be positive (or None for all), got {last}")
+    return layers[-last:]
+
+
 def select_codes(
     scores: list[CodeScore], layout: Layout, max_codes: int, per_head: int = 1
 ) -> list[CodeRef]:

@@ -146,7 +146,7 @@ def plot_presets(topics: dict, path: str | Path) -> Path:
             if chosen["fluency_ratio"] is not None:
                 ax.plot(chosen["fluency_ratio"], 100 * chosen["rate"], "*", ms=12,
                         color=line.get_color(), markeredgecolor="black")
-            limit = record.get("max_fluency")
+        limit = next(iter(calibrated.values())).get("max_fluency")
         if limit is not None:
             ax.axvline(limit, color="black", ls="--", lw=1, label=f"limit {limit:g}x")
         ax.set(xlabel="fluency ratio (steered / unsteered loss)", ylabel="steered (%)",
