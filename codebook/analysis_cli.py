@@ -514,7 +514,7 @@ def _add_presets(subparsers) -> None:
         "presets", help="find, calibrate and evaluate topic presets; save them in topics.json",
         description="For each topic: topic search over --data (one pass for all topics), then "
         "calibration (codebook/calibrate.py: every set of layers x number of codes x strength "
-        "of the grid is "
+        "x mode of the grid is "
         "sampled on --calibration-seed; the highest steered rate whose fluency ratio stays "
         "within --max-fluency wins), then the paper's steering evaluation of the chosen setting "
         "on --seed, a different seed. Each topic's preset, with all three records in its stats, "
@@ -534,7 +534,8 @@ def _add_presets(subparsers) -> None:
                         help="steer only codes of the model's last N codebook layers; values "
                         "to try (default: 1 2 all)")
     parser.add_argument("--per-head", type=int, help="at most this many codes per head (4)")
-    parser.add_argument("--mode", choices=["add", "replace"], default="add")
+    parser.add_argument("--modes", nargs="+", choices=["add", "replace"],
+                        help="steering modes to try (default: add replace)")
     parser.add_argument("--max-fluency", type=float, help="largest steered/unsteered loss "
                         "ratio a calibrated setting may have (default: 1.2)")
     parser.add_argument("--calibration-seed", type=int, help="seed for calibration (default: 1)")
@@ -575,7 +576,7 @@ def _run_presets(args) -> None:
     for name, default in (("num_codes", list(grid.NUM_CODES)), ("strengths", list(grid.STRENGTHS)),
                           ("per_head", grid.PER_HEAD), ("max_fluency", grid.MAX_FLUENCY),
                           ("calibration_seed", grid.CALIBRATION_SEED),
-                          ("last_layers", list(grid.LAST_LAYERS))):
+                          ("last_layers", list(grid.LAST_LAYERS)), ("modes", list(grid.MODES))):
         if getattr(args, name) is None:
             setattr(args, name, default)
     args.last_layers = [_last_layers(value) for value in args.last_layers]
@@ -592,7 +593,7 @@ def _run_presets(args) -> None:
         calibration = calibrate(
             model, found.codes, patterns[topic], num_codes=args.num_codes,
             strengths=args.strengths, last_layers=args.last_layers, per_head=args.per_head,
-            mode=args.mode, max_fluency=args.max_fluency,
+            modes=args.modes, max_fluency=args.max_fluency,
             samples_per_prompt=args.calibration_samples, max_new_tokens=args.max_new_tokens,
             seed=args.calibration_seed,
             progress=args.progress)
@@ -611,7 +612,7 @@ def _run_presets(args) -> None:
         base, steered = evaluation["baseline"], evaluation["steered"]
         layers = sorted({c.layer for c in steering.codes})
         lines.append(f"{topic:10} /{patterns[topic]}/ {len(steering.codes):3} codes in layers "
-                     f"{','.join(map(str, layers))} x {steering.strength:g}: "
+                     f"{','.join(map(str, layers))} x {steering.strength:g} ({steering.mode}): "
                      f"{100 * base['rate']:5.1f}% -> {100 * steered['rate']:5.1f}%, fluency "
                      + _maybe(evaluation["fluency_ratio"])
                      + f", distinct-2 {_maybe(base['distinct_2'])} -> "

@@ -138,20 +138,28 @@ def plot_presets(topics: dict, path: str | Path) -> Path:
     ax.legend(fontsize=8)
     if calibrated:
         ax = axes[0, 1]
+        markers = {"add": "o", "replace": "^"}  # records from before the mode grid: add
         for name, record in calibrated.items():
-            trials = [t for t in record["trials"] if t["fluency_ratio"] is not None]
-            line, = ax.plot([t["fluency_ratio"] for t in trials],
-                            [100 * t["rate"] for t in trials], "o", ms=4, alpha=0.6, label=name)
+            color = None
+            for mode, marker in markers.items():
+                trials = [t for t in record["trials"] if t["fluency_ratio"] is not None
+                          and t.get("mode", "add") == mode]
+                if trials:
+                    line, = ax.plot([t["fluency_ratio"] for t in trials],
+                                    [100 * t["rate"] for t in trials], marker, ms=4, alpha=0.6,
+                                    color=color, label=name if color is None else None)
+                    color = line.get_color()
             chosen = record["trials"][record["chosen"]]
             if chosen["fluency_ratio"] is not None:
                 ax.plot(chosen["fluency_ratio"], 100 * chosen["rate"], "*", ms=12,
-                        color=line.get_color(), markeredgecolor="black")
+                        color=color, markeredgecolor="black")
         limit = next(iter(calibrated.values())).get("max_fluency")
         if limit is not None:
             ax.axvline(limit, color="black", ls="--", lw=1, label=f"limit {limit:g}x")
         ax.set(xlabel="fluency ratio (steered / unsteered loss)", ylabel="steered (%)",
                title="calibration settings (seed "
-                     f"{next(iter(calibrated.values())).get('seed')}; star: chosen)")
+                     f"{next(iter(calibrated.values())).get('seed')}; o add, ^ replace; "
+                     "star: chosen)")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

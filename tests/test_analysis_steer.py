@@ -134,7 +134,7 @@ def ranked_planted_first():
 
 def test_calibration_keeps_the_strongest_setting_within_the_fluency_limit():
     model = steerable_model()
-    grid = dict(num_codes=(1,), strengths=(0.05, 1.0), per_head=3, mode="add",
+    grid = dict(num_codes=(1,), strengths=(0.05, 1.0), per_head=3, modes=("add",),
                 prompts=PROMPTS, samples_per_prompt=3, max_new_tokens=5, progress=False)
     loose = calibrate(model, ranked_planted_first(), "dragon", max_fluency=1000, **grid)
     weak, strong = loose.trials
@@ -161,16 +161,24 @@ def test_calibration_measures_what_steer_eval_measures():
     found = calibrate(model, ranked_planted_first(), r"\bw1\d\b|dragon", num_codes=(1, 3),
                       strengths=(0.5,), per_head=3, prompts=PROMPTS, samples_per_prompt=3,
                       max_new_tokens=6, seed=4, progress=False)
-    assert [t["num_codes"] for t in found.trials] == [1, 3]
-    assert found.steering.codes == [c.ref for c in ranked_planted_first()][:found.trials[
-        found.chosen]["num_codes"]]
-    for n, trial in zip((1, 3), found.trials, strict=True):
-        steering = Steering([c.ref for c in ranked_planted_first()][:n], strength=0.5)
+    # Both modes by default, each over the rest of the grid.
+    assert [(t["mode"], t["num_codes"]) for t in found.trials] == [
+        ("add", 1), ("add", 3), ("replace", 1), ("replace", 3)]
+    assert found.to_dict()["mode_grid"] == ["add", "replace"]
+    chosen = found.trials[found.chosen]
+    assert found.steering.mode == chosen["mode"]
+    assert found.steering.codes == [c.ref for c in ranked_planted_first()][:chosen["num_codes"]]
+    for trial in found.trials:
+        steering = Steering([c.ref for c in ranked_planted_first()][:trial["num_codes"]],
+                            strength=0.5, mode=trial["mode"])
         again = steer_eval(model, steering, r"\bw1\d\b|dragon", prompts=PROMPTS,
                            samples_per_prompt=3, max_new_tokens=6, seed=4, progress=False)
         assert trial["rate"] == again["steered"]["rate"]
         assert trial["fluency_ratio"] == pytest.approx(again["fluency_ratio"])
         assert found.baseline_rate == again["baseline"]["rate"]
+    # The modes steer differently here, or trying both would prove nothing.
+    assert len({(t["rate"], round(t["fluency_ratio"], 6)) for t in found.trials
+                if t["num_codes"] == 1}) == 2
 
 
 def test_calibration_restricts_codes_to_the_last_layers():
@@ -181,8 +189,8 @@ def test_calibration_restricts_codes_to_the_last_layers():
     refs = [CodeRef(0, "block_out", 0, 2), CodeRef(1, "block_out", 0, 4),
             CodeRef(1, "block_out", 0, 6)]
     ranked = [CodeScore(ref, 1.0, 1.0, 1, 1, 1.0 - i / 10) for i, ref in enumerate(refs)]
-    run = dict(num_codes=(2,), strengths=(1.0,), prompts=("",), samples_per_prompt=1,
-               max_new_tokens=2, progress=False)
+    run = dict(num_codes=(2,), strengths=(1.0,), modes=("add",), prompts=("",),
+               samples_per_prompt=1, max_new_tokens=2, progress=False)
     last = calibrate(model, ranked, "dragon", last_layers=(1,), **run)
     assert [t["layers"] for t in last.trials] == [[1]]
     assert last.steering.codes == refs[1:]
@@ -200,6 +208,8 @@ def test_calibration_errors_name_the_problem():
         calibrate(model, ranked_planted_first(), "dragon", max_fluency=0.9, progress=False)
     with pytest.raises(ValueError, match="at least one number of codes"):
         calibrate(model, ranked_planted_first(), "dragon", num_codes=(), progress=False)
+    with pytest.raises(ValueError, match=r"unknown steering modes \['swap'\]"):
+        calibrate(model, ranked_planted_first(), "dragon", modes=("add", "swap"), progress=False)
     with pytest.raises(ValueError, match="invalid regex"):
         calibrate(model, ranked_planted_first(), "drag(on", progress=False)
     with pytest.raises(ValueError, match="topic search found no code to steer with"):
@@ -351,11 +361,13 @@ def test_cli_presets_search_calibrate_evaluate_and_save(model_dir, data_file, ca
     assert "kept" in load_topics(model_dir)  # other presets stay
     stats = preset["stats"]
     calibration, evaluation = stats["calibration"], stats["steer_eval"]
-    assert [t["num_codes"] for t in calibration["trials"]] == [1, 2]
+    assert [(t["mode"], t["num_codes"]) for t in calibration["trials"]] == [
+        ("add", 1), ("add", 2), ("replace", 1), ("replace", 2)]
     assert (calibration["seed"], evaluation["seed"]) == (1, 0)
     assert evaluation["samples_per_prompt"] == 2 and len(evaluation["prompts"]) == 4
     chosen = calibration["trials"][calibration["chosen"]]
     assert len(preset["codes"]) == chosen["num_codes"] and preset["strength"] == 1.5
+    assert preset["mode"] == chosen["mode"]
     # The preset forces the best-ranked codes of the context search, recorded with it.
     assert stats["search"]["statistic"] == "context"
     assert [{k: c[k] for k in ("layer", "site", "head", "code")}

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training finetune | evaluate | steerability ...``.
+"""Command line: ``python -m training finetune | evaluate | steerability | widen-vocab ...``.
 
 Multi-process (DDP) finetuning runs under torchrun, e.g.
 ``torchrun --nproc_per_node 4 -m training finetune --base gpt2 --data stories.txt --output out``.
@@ -84,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--seed", type=int, default=0)
     steer.add_argument("--threads", type=int, help="CPU threads")
     steer.add_argument("--json", action="store_true", help="print the figures as JSON")
+    widen = commands.add_parser(
+        "widen-vocab", help="give a base model a larger vocabulary, learned on the training text",
+        description="Continue the base tokenizer's BPE on the training documents of --data "
+                    "(the validation documents that finetune would hold out with the same "
+                    "--val-fraction and --seed are left out) up to --vocab-size pieces; new "
+                    "pieces start from the mean embedding of their old pieces (see "
+                    "training/vocabulary.py). Writes a model directory for finetune --base.")
+    widen.add_argument("--base", required=True,
+                       help="Hub repo id, local HF directory or llama2c:PATH.bin")
+    widen.add_argument("--data", required=True, nargs="+", help="text files")
+    widen.add_argument("--data-format", default="auto",
+                       help="auto, endoftext, blank-lines or lines")
+    widen.add_argument("--vocab-size", required=True, type=int, help="pieces after widening")
+    widen.add_argument("--val-fraction", type=float, default=0.05)
+    widen.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    widen.add_argument("--output", required=True, help="directory to write")
     return parser
 
 
@@ -142,6 +158,25 @@ def run_steerability(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2) if args.json else format_steerability(result))
 
 
+def run_widen_vocab(args: argparse.Namespace) -> None:
+    from training.data import read_documents, split_validation
+    from training.models import load_base
+    from training.vocabulary import widen_vocabulary
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"--output {output} exists and is not empty")
+    train, _ = split_validation(read_documents(args.data, args.data_format), args.val_fraction,
+                                args.seed)
+    model, tokenizer = load_base(args.base)
+    old = len(tokenizer)
+    model, tokenizer = widen_vocabulary(model, tokenizer, train, args.vocab_size)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    print(f"{args.base}: {old} -> {len(tokenizer)} pieces, learned on {len(train)} training "
+          f"documents; written to {output}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -153,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             finetune(config, command=shlex.join(["python", "-m", "training", *argv]))
         elif args.command == "evaluate":
             run_evaluate(args)
+        elif args.command == "widen-vocab":
+            run_widen_vocab(args)
         else:
             run_steerability(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
