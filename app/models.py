@@ -4,15 +4,22 @@ The model box accepts, from anyone who can reach the app:
 
 * ``default``: the embedded model;
 * a Hub repo id ``owner/name``, optionally ``@revision`` (a branch, tag or commit), fetched through
-  ``huggingface_hub`` (its cache and ``HF_HUB_OFFLINE`` honoured), no larger than
-  ``CODEBOOK_APP_MAX_MODEL_MB``; weights are only read from safetensors and no code is ever run
-  (``trust_remote_code`` is never set);
+  ``huggingface_hub`` (its cache and ``HF_HUB_OFFLINE`` honoured); weights are only read from
+  safetensors (or, for an original-library checkpoint, ``pytorch_model.bin`` with
+  ``weights_only=True``) and no code is ever run (``trust_remote_code`` is never set);
 * a local directory only if the server sets ``CODEBOOK_APP_MODEL_ROOTS`` and the directory, after
   resolving ``..`` and symlinks, lies inside one of those roots.
 
 Everything else (other paths, ``..`` tricks, URLs, control characters, revisions that climb out of
-the cache) is refused with a message saying why. The model named by ``CODEBOOK_MODEL`` is trusted:
-the operator chose it.
+the cache) is refused with a message saying why. A name found inside a visitor's model (the base
+model an original-library checkpoint names in ``base_model_name_or_path``) passes the same checks.
+
+Every Hub repo such a load reads (the model, and the base model a checkpoint names) is at most
+``CODEBOOK_APP_MAX_MODEL_MB``, counting every file that would be fetched (weights, configs,
+tokenizer, card, analysis files), whether already cached or not; sizes are asked of the Hub before
+anything is downloaded, a file of unknown size is refused, and when the Hub cannot give sizes
+only the local cache is read (see :mod:`codebook.hub`). The model named by ``CODEBOOK_MODEL`` is
+trusted: the operator chose it, and none of these checks applies to it.
 
 Each session picks its own model (a visitor loading one does not switch anyone else's); loaded
 models are shared and kept in a small LRU cache. A failed load raises :class:`ModelError` and
@@ -30,7 +37,7 @@ from pathlib import Path
 import torch
 
 from app.settings import Settings
-from codebook import CodebookModel, hub
+from codebook import CodebookModel, hub, original
 from codebook.topics import load_topics
 
 log = logging.getLogger(__name__)
@@ -88,24 +95,11 @@ def _check_local(name: str, roots: tuple[Path, ...]) -> str:
     return str(path)
 
 
-def _check_hub_size(name: str, limit_mb: int) -> None:
-    """Refuse a Hub model whose weights exceed the limit, before downloading them. Offline, only
-    the cache is read, so there is nothing to check."""
-    from huggingface_hub import HfApi, constants
-
-    if constants.HF_HUB_OFFLINE or name == hub.DEFAULT_MODEL_NAME or not _REPO_ID.match(
-        hub.split_revision(name)[0]
-    ):
-        return
-    repo_id, revision = hub.split_revision(name)
-    try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-    except Exception:  # an unreachable Hub or a missing repo: the load itself reports it
-        return
-    size = sum(f.size or 0 for f in info.siblings or [] if f.rfilename.endswith(".safetensors"))
-    if size > limit_mb * 2**20:
-        raise ModelError(f"{repo_id} has {size / 2**20:.0f} MB of weights; this server loads "
-                         f"models up to {limit_mb} MB")
+def visitor_policy(settings: Settings) -> hub.Policy:
+    """What :mod:`codebook.hub` may resolve for a visitor: every name (the one typed and any a
+    checkpoint names) through :func:`check_model_name`, every Hub repo within the size limit."""
+    return hub.Policy(check_name=lambda name: check_model_name(name, settings.model_roots),
+                      max_bytes=settings.max_model_mb * 2**20)
 
 
 # Serialises every forward pass in the process. Steering and code capture are state on a model's
@@ -151,11 +145,16 @@ class LoadedModel:
             return self._surfaces
 
 
-def load(name: str, device: str | None = None) -> LoadedModel:
-    """Load ``name`` (already checked) or raise :class:`ModelError` saying why not."""
+def load(name: str, device: str | None = None, policy: hub.Policy | None = None) -> LoadedModel:
+    """Load ``name`` (already checked) or raise :class:`ModelError` saying why not; ``policy``
+    (a visitor's load: :func:`visitor_policy`) bounds what is read on its behalf."""
     try:
-        directory = hub.resolve_model_dir(name)
-        model = CodebookModel.from_pretrained(directory, device=device)
+        directory = hub.resolve_model_dir(name, policy=policy)
+        if original.is_original_checkpoint(directory):
+            # Its base model is named inside it: resolved under the same policy.
+            model = original.load_original(name, device=device, policy=policy)
+        else:
+            model = CodebookModel.from_pretrained(directory, device=device)
     except Exception as err:  # whatever went wrong, the visitor gets a message, the app lives
         log.info("cannot load model %r: %s: %s", name, type(err).__name__, err)
         raise ModelError(f"cannot load {name!r}: {err}") from None
@@ -178,8 +177,9 @@ class ModelRegistry:
     def start_model(self) -> LoadedModel:
         return self.get(self.start_name)
 
-    def get(self, name: str) -> LoadedModel:
-        """The loaded model ``name`` (trusted: the start model or an already checked name)."""
+    def get(self, name: str, policy: hub.Policy | None = None) -> LoadedModel:
+        """The loaded model ``name`` (the start model, trusted, or an already checked name, loaded
+        under ``policy`` if not loaded yet)."""
         with self._lock:
             if name in self._models:
                 self._models.move_to_end(name)
@@ -189,7 +189,7 @@ class ModelRegistry:
             with self._lock:
                 if name in self._models:
                     return self._models[name]
-            loaded = load(name, self.device)
+            loaded = load(name, self.device, policy)
             with self._lock:
                 self._models[name] = loaded
                 self._evict()
@@ -200,11 +200,7 @@ class ModelRegistry:
         name = check_model_name(name, self.settings.model_roots)
         if name == self.start_name:
             return self.get(name)
-        with self._lock:
-            cached = name in self._models
-        if not cached:
-            _check_hub_size(name, self.settings.max_model_mb)
-        return self.get(name)
+        return self.get(name, visitor_policy(self.settings))
 
     def _evict(self) -> None:
         others = [n for n in self._models if n != self.start_name]

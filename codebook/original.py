@@ -100,18 +100,22 @@ def load_original(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     token: str | bool | None = None,
+    policy: hub.Policy | None = None,
 ) -> CodebookModel:
     """Load an original-library checkpoint ``src`` (directory or Hub id) on its base model
     ``base`` (directory or Hub id; default: ``base_model_name_or_path`` in ``src``'s config).
 
-    ``dtype`` defaults to the dtype of the checkpoint's weights."""
-    src_dir = hub.resolve_model_dir(src, revision=revision, token=token)
+    ``dtype`` defaults to the dtype of the checkpoint's weights. ``policy`` (see
+    :class:`codebook.hub.Policy`) applies to ``src`` and to the base model, which is named by the
+    checkpoint itself when ``base`` is not given: a server loading checkpoints for visitors must
+    pass its own, or a repo could name any directory on the server as its base."""
+    src_dir = hub.resolve_model_dir(src, revision=revision, token=token, policy=policy)
     if not _weight_files(src_dir):
         # A Hub snapshot only fetches safetensors by default; this layout may store its weights
         # as pytorch_model.bin (read below with weights_only=True).
         src_dir = hub.resolve_model_dir(
             src, revision=revision, token=token,
-            allow_patterns=[*hub.HUB_PATTERNS, "pytorch_model*.bin"],
+            allow_patterns=[*hub.HUB_PATTERNS, "pytorch_model*.bin"], policy=policy,
         )
     raw = _read_json(src_dir / "config.json")
     if raw.get("model_type") != ORIGINAL_MODEL_TYPE:
@@ -119,13 +123,16 @@ def load_original(
                          f"(its config.json has model_type {raw.get('model_type')!r}, not "
                          f"{ORIGINAL_MODEL_TYPE!r})")
     base = base if base is not None else raw.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str | os.PathLike):
+        raise ValueError(f"{src}: base_model_name_or_path in its config.json must be a string")
     if not base:
         raise ValueError(f"{src} does not name its base model (the original library does not "
                          "save it): pass the base model it was trained from, e.g. "
                          "--base roneneldan/TinyStories-1M or base=..., or add "
                          "base_model_name_or_path to its config.json")
     try:
-        base_dir = hub.resolve_model_dir(base, token=token, allow_patterns=BASE_PATTERNS)
+        base_dir = hub.resolve_model_dir(base, token=token, allow_patterns=BASE_PATTERNS,
+                                         policy=policy)
     except (FileNotFoundError, ValueError) as err:
         raise FileNotFoundError(f"base model {base}: {err}") from None
     base_config = _base_config(base_dir, base, raw, src)

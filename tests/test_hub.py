@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 from huggingface_hub import HfApi
 
 from tests.test_model import tiny_model
@@ -92,3 +95,183 @@ def test_push_to_hub_uploads_a_complete_model_directory(monkeypatch):
     assert repo_id == "me/tiny" and kwargs["repo_type"] == "model"
     assert {"config.json", "model.safetensors", "codebook_config.json",
             "codebooks.safetensors"} <= set(files)
+
+
+# -- the app's download bound -------------------------------------------------------------------
+
+MB = 2**20
+COMMIT = "c" * 40
+
+
+class FakeHub:
+    """The Hub's metadata and downloads for ``repos`` (``{repo_id: {filename: content}}``; content
+    is bytes, or an int: a file of that many bytes, or ``None``: a file whose size the Hub does not
+    report). Like ``snapshot_download`` it fetches only the files matching ``allow_patterns``, into
+    one snapshot folder per repo; ``fetched`` records every file really downloaded. With
+    ``metadata_up=False`` the Hub's metadata calls fail while downloads would still work."""
+
+    def __init__(self, root: Path, repos: dict[str, dict]):
+        self.root, self.repos = root, repos
+        self.fetched: list[tuple[str, str, int]] = []
+        self.metadata_up = True
+
+    def folder(self, repo_id: str) -> Path:
+        return self.root / repo_id.replace("/", "--")
+
+    @staticmethod
+    def size(content) -> int | None:
+        return len(content) if isinstance(content, bytes) else content
+
+    def files(self, repo_id, allow_patterns):
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        if repo_id not in self.repos:
+            raise RepositoryNotFoundError(f"{repo_id} not found", response=_response(404))
+        return {f: c for f, c in self.repos[repo_id].items()
+                if allow_patterns is None or any(fnmatch.fnmatch(f, p) for p in allow_patterns)}
+
+    def model_info(self, api, repo_id, revision=None, files_metadata=False, **kwargs):
+        if not self.metadata_up:
+            raise ConnectionError("the Hub's API is down")
+        siblings = [SimpleNamespace(rfilename=f, size=self.size(c))
+                    for f, c in self.files(repo_id, None).items()]
+        return SimpleNamespace(id=repo_id, sha=COMMIT, siblings=siblings)
+
+    def snapshot_download(self, repo_id, *, revision=None, allow_patterns=None, token=None,
+                          repo_type="model", dry_run=False, local_files_only=False, **kwargs):
+        from huggingface_hub import DryRunFileInfo
+        from huggingface_hub.errors import DryRunError, LocalEntryNotFoundError
+
+        folder = self.folder(repo_id)
+        if dry_run:
+            if not self.metadata_up:
+                raise DryRunError("the Hub cannot be reached") from ConnectionError("API down")
+            return [DryRunFileInfo(commit_hash=COMMIT, file_size=self.size(c), filename=f,
+                                   local_path=str(folder / f), is_cached=(folder / f).exists(),
+                                   will_download=not (folder / f).exists())
+                    for f, c in self.files(repo_id, allow_patterns).items()]
+        wanted = self.files(repo_id, allow_patterns)
+        if local_files_only:
+            if not all((folder / f).exists() for f in wanted):
+                raise LocalEntryNotFoundError(f"{repo_id} is not fully cached")
+            return str(folder)
+        for f, content in wanted.items():
+            if (folder / f).exists():
+                continue
+            data = content if isinstance(content, bytes) else b"\0" * (content or 1)
+            (folder / f).parent.mkdir(parents=True, exist_ok=True)
+            (folder / f).write_bytes(data)
+            self.fetched.append((repo_id, f, len(data)))
+        return str(folder)
+
+
+def _response(status: int):
+    import httpx2
+
+    return httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co"))
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A FakeHub with: a small model of ours, the same with a large file of each kind the app
+    fetches, an original checkpoint whose weights are a large pytorch_model.bin, one whose base
+    model has a large tokenizer file, and a file of unknown size."""
+    import huggingface_hub
+
+    from tests.test_analysis import word_tokenizer
+
+    model = tiny_model("gpt2", sites=["mlp_out"], num_codes=16)
+    model.tokenizer = word_tokenizer()
+    model.save_pretrained(tmp_path / "small")
+    small = _files(tmp_path / "small")
+    original = REPO_ROOT / "tests" / "fixtures" / "original" / "gpt2_mlp"
+    config = json.loads((original / "codebook" / "config.json").read_text())
+    repos = {
+        "ok/small": small,
+        "big/npz": {**small, "index.npz": 3 * MB},
+        "big/png": {**small, "plot.png": 3 * MB},
+        "big/json": {**small, "tokenizer_extra.json": 3 * MB},
+        "big/txt": {**small, "merges.txt": 3 * MB},
+        "unknown/size": {**small, "codes.npz": None},
+        "orig/bin": {"config.json": json.dumps({**config, "base_model_name_or_path":
+                                                "orig/base"}).encode(),
+                     "pytorch_model.bin": 3 * MB},
+        "orig/big-base": {"config.json": json.dumps({**config, "base_model_name_or_path":
+                                                     "base/big"}).encode(),
+                          **{f: (original / "codebook" / f).read_bytes()
+                             for f in ("model.safetensors",)}},
+        "orig/base": _files(original / "base"),
+        "base/big": {**_files(original / "base"), "vocab.txt": 3 * MB},
+    }
+    hub = FakeHub(tmp_path / "fake-hub", repos)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    monkeypatch.setattr(HfApi, "model_info",
+                        lambda api, repo_id, **kw: hub.model_info(api, repo_id, **kw))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return hub
+
+
+def _registry(max_model_mb: int = 1):
+    from app.models import ModelRegistry
+    from app.settings import Settings
+
+    return ModelRegistry(Settings(model="default", max_model_mb=max_model_mb, device="cpu"))
+
+
+@pytest.mark.parametrize("repo", ["big/npz", "big/png", "big/json", "big/txt", "orig/bin",
+                                  "orig/big-base"])
+def test_the_app_counts_every_file_it_would_fetch_against_its_limit(fake_hub, repo):
+    from app.models import ModelError
+
+    with pytest.raises(ModelError, match=r"MB \(largest: [\w.]+ 3\.0 MB\), over the limit of "
+                                         r"1 MB"):
+        _registry().load_for_visitor(repo)
+    # Refused before the large file was fetched; at most the small files before it (an original
+    # checkpoint's config, read to learn that its weights are a .bin or which base it needs).
+    assert all(size < MB for _, _, size in fake_hub.fetched), fake_hub.fetched
+
+
+def test_the_app_loads_a_model_within_its_limit(fake_hub):
+    loaded = _registry().load_for_visitor("ok/small")
+    assert loaded.model.codebook_config.num_codes == 16
+    assert {f for _, f, _ in fake_hub.fetched} >= {"model.safetensors", "codebooks.safetensors",
+                                                   "tokenizer.json"}
+
+
+def test_the_app_refuses_files_of_unknown_size(fake_hub):
+    from app.models import ModelError
+
+    with pytest.raises(ModelError, match="does not report the size of codes.npz"):
+        _registry().load_for_visitor("unknown/size")
+    assert fake_hub.fetched == []
+
+
+def test_when_the_hub_cannot_give_sizes_only_the_cache_is_read(fake_hub):
+    from app.models import ModelError
+
+    fake_hub.metadata_up = False
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        _registry().load_for_visitor("ok/small")
+    assert fake_hub.fetched == []
+    fake_hub.metadata_up = True
+    _registry().load_for_visitor("ok/small")  # now cached ...
+    fake_hub.metadata_up = False
+    assert _registry().load_for_visitor("ok/small").model is not None  # ... so it loads
+
+
+def test_offline_the_cached_files_count_against_the_limit(fake_hub, monkeypatch):
+    import huggingface_hub
+
+    from app.models import ModelError
+
+    _registry(max_model_mb=10).load_for_visitor("big/npz")  # cached under a larger limit
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    fake_hub.metadata_up = False
+    with pytest.raises(ModelError, match=r"index.npz 3\.0 MB\), over the limit of 1 MB"):
+        _registry().load_for_visitor("big/npz")
+    assert _registry(max_model_mb=10).load_for_visitor("big/npz").model is not None
