@@ -37,8 +37,14 @@ def _convert_original(args: argparse.Namespace) -> None:
 
     model = convert_original(args.src, args.out, args.base, revision=args.revision)
     c = model.codebook_config
+    sizes = {(c.num_codes_at(site), c.k_at(site)) for site in c.sites}
+    if len(sizes) == 1:
+        codes = f"{c.num_codes} codes, k={c.k}"
+    else:  # the original library sets C and k per site
+        codes = ", ".join(f"{site} {c.num_codes_at(site)} codes k={c.k_at(site)}"
+                          for site in c.sites)
     print(f"wrote {args.out}: {model.architecture.name}, sites {', '.join(c.sites)} at layers "
-          f"{c.layers}, {c.num_codes} codes, k={c.k}, similarity {c.similarity}")
+          f"{c.layers}, {codes}, similarity {c.similarity}")
 
 
 # Every subcommand's registration function, in the order --help lists them.

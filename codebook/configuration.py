@@ -27,6 +27,9 @@ class CodebookConfig:
     ``num_codes`` is the number of codes per codebook (C) and ``k`` how many are active at once.
     ``layer_norm`` LayerNorms each group's input before snapping (as the original library does).
     ``reconstruction_weight`` is the paper's lambda for the term pulling codes toward inputs.
+    ``per_site`` overrides ``num_codes`` and/or ``k`` at some sites (``{"mlp_out": {"num_codes":
+    48, "k": 3}}``), as the original library allows; :meth:`num_codes_at` and :meth:`k_at` give
+    a site's values. It is saved only when not empty.
     """
 
     sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads"])
@@ -38,6 +41,7 @@ class CodebookConfig:
     layer_norm: bool = False
     reconstruction_weight: float = 1.0
     chunk_size: int = 0
+    per_site: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.sites = list(self.sites)
@@ -54,13 +58,49 @@ class CodebookConfig:
             raise ValueError(
                 f"k must be between 1 and num_codes ({self.num_codes}), got {self.k}"
             )
+        self._check_per_site()
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
 
+    def _check_per_site(self) -> None:
+        if not isinstance(self.per_site, dict):
+            raise ValueError(f"per_site must map sites to {{'num_codes': C, 'k': k}}, got "
+                             f"{self.per_site!r}")
+        self.per_site = {site: dict(values) for site, values in self.per_site.items()}
+        for site, values in self.per_site.items():
+            if site not in self.sites:
+                raise ValueError(f"per_site names {site!r}, which is not one of the sites "
+                                 f"{self.sites}")
+            unknown = sorted(set(values) - {"num_codes", "k"})
+            if unknown:
+                raise ValueError(f"per_site[{site!r}] has unknown keys {unknown}; known: "
+                                 "['k', 'num_codes']")
+            for key, value in values.items():
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"per_site[{site!r}][{key!r}] must be an integer, got "
+                                     f"{value!r}")
+            if self.num_codes_at(site) < 1:
+                raise ValueError(f"num_codes at {site} must be positive, got "
+                                 f"{self.num_codes_at(site)}")
+            if not 1 <= self.k_at(site) <= self.num_codes_at(site):
+                raise ValueError(f"k at {site} must be between 1 and its num_codes "
+                                 f"({self.num_codes_at(site)}), got {self.k_at(site)}")
+
+    def num_codes_at(self, site: str) -> int:
+        """The number of codes per codebook at ``site``."""
+        return self.per_site.get(site, {}).get("num_codes", self.num_codes)
+
+    def k_at(self, site: str) -> int:
+        """How many codes are active at once at ``site``."""
+        return self.per_site.get(site, {}).get("k", self.k)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not data["per_site"]:
+            del data["per_site"]  # configs without it stay as they were
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> CodebookConfig:

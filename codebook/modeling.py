@@ -59,10 +59,10 @@ class CodebookModel(nn.Module):
 
     # -- construction -----------------------------------------------------------------------
 
-    def _new_layer(self, groups: int, dim: int) -> CodebookLayer:
+    def _new_layer(self, groups: int, dim: int, site: str) -> CodebookLayer:
         c = self.codebook_config
-        return CodebookLayer(groups, dim, c.num_codes, c.k, c.similarity, c.combine,
-                             c.layer_norm, c.reconstruction_weight, c.chunk_size)
+        return CodebookLayer(groups, dim, c.num_codes_at(site), c.k_at(site), c.similarity,
+                             c.combine, c.layer_norm, c.reconstruction_weight, c.chunk_size)
 
     def _attach(self, block: nn.Module, site: str) -> CodebookLayer:
         arch, cfg = self.architecture, self.base.config
@@ -72,18 +72,18 @@ class CodebookModel(nn.Module):
             width = in_features(proj)
             if width % heads:
                 raise ValueError(f"attention width {width} is not divisible by {heads} heads")
-            layer = self._new_layer(heads, width // heads)
+            layer = self._new_layer(heads, width // heads, site)
             self._handles.append(proj.register_forward_pre_hook(layer.input_hook))
         elif site == "attn_out":
             proj = get_module(block, arch.attn_out_proj)
-            layer = self._new_layer(1, out_features(proj))
+            layer = self._new_layer(1, out_features(proj), site)
             self._handles.append(proj.register_forward_hook(layer.output_hook))
         elif site == "mlp_out":
-            layer = self._new_layer(1, cfg.hidden_size)
+            layer = self._new_layer(1, cfg.hidden_size, site)
             mlp = get_module(block, arch.mlp)
             self._handles.append(mlp.register_forward_hook(layer.output_hook))
         else:  # block_out (CodebookConfig validated the name)
-            layer = self._new_layer(1, cfg.hidden_size)
+            layer = self._new_layer(1, cfg.hidden_size, site)
             self._handles.append(block.register_forward_hook(layer.output_hook))
         return layer
 

@@ -226,6 +226,8 @@ def _convert_config(raw: dict, base_config, src) -> tuple[CodebookConfig, list[t
         if site not in SITES:
             raise ValueError(f"{src}: unknown codebook_at {site!r}; supported sites: "
                              f"{', '.join(SITES)}")
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"{src}: codebook_at names a site twice: {sites}")
     if {"attn", "attn_preproj"} <= set(sites):
         # Both hang a codebook_layer on the attention module: their keys cannot be told apart.
         raise ValueError(f"{src}: codebooks at both 'attn' and 'attn_preproj' are not supported")
@@ -249,9 +251,14 @@ def _convert_config(raw: dict, base_config, src) -> tuple[CodebookConfig, list[t
             raise ValueError(f"{src}: a {kind} codebook with num_codebooks={g} at {site!r} is "
                              f"not supported; at {site!r} we support {layout}")
         specs.append((site, kind, g))
-    if len(set(codes)) > 1 or len(set(ks)) > 1:
-        raise ValueError(f"{src}: sites with different num_codes {codes} or k_codebook {ks} "
-                         "are not supported (one value for all sites)")
+    for site, c, k in zip(sites, codes, ks, strict=True):
+        for key, value in (("num_codes", c), ("k_codebook", k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{src}: {key} at {site!r} must be a positive integer, got "
+                                 f"{value!r}")
+        if k > c:
+            raise ValueError(f"{src}: k_codebook {k} at {site!r} must be between 1 and its "
+                             f"num_codes {c}")
     similarity = raw.get("similarity_metric", "inner_product")
     if similarity not in SIMILARITIES:
         raise ValueError(f"{src}: similarity_metric {similarity!r} is not supported; supported: "
@@ -264,11 +271,19 @@ def _convert_config(raw: dict, base_config, src) -> tuple[CodebookConfig, list[t
     }
     if changed:
         raise ValueError(f"{src}: codebook_kwargs {changed} are not supported")
+    # The first site's C and k are the config's; other sites' that differ are overrides.
+    per_site = {}
+    for site, c, k in zip(sites[1:], codes[1:], ks[1:], strict=True):
+        values = {key: v for key, v, first in (("num_codes", c, codes[0]), ("k", k, ks[0]))
+                  if v != first}
+        if values:
+            per_site[SITES[site]] = values
     config = CodebookConfig(
         sites=[SITES[s] for s in sites],
         layers=_layers(raw.get("layers_to_snap", []), base_config.num_hidden_layers, src),
-        num_codes=int(codes[0]),
-        k=int(ks[0]),
+        num_codes=codes[0],
+        k=ks[0],
+        per_site=per_site,
         similarity=SIMILARITIES[similarity],
         combine="mean",
         layer_norm=True,

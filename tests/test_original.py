@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from codebook import CodebookModel, Steering
+from codebook import CodebookConfig, CodebookModel, Steering
 from codebook.__main__ import main
 from codebook.original import load_original
 from tests.test_hub import build_hub_cache
@@ -30,7 +30,10 @@ from tests.test_model import tiny_model
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.json").is_file())
-OUR_SITE = {"attn_preproj": "attn_heads", "mlp": "mlp_out"}
+OUR_SITE = {"attn_preproj": "attn_heads", "attn": "attn_out", "mlp": "mlp_out",
+            "transformer_block": "block_out"}
+PER_SITE = [name for name in NAMES if "sites" in json.loads(
+    (FIXTURES / name / "expected.json").read_text())]
 LOGITS_ATOL = 1e-4
 
 
@@ -77,17 +80,36 @@ def assert_matches_fixture(model: CodebookModel, name: str) -> float:
 # -- the original library's numbers -------------------------------------------------------------
 
 
+def fixture_sites(name: str) -> dict[str, tuple[int, int, int]]:
+    """``{our site: (codebooks, num_codes, k)}`` as the fixture's library config gives them
+    (a single site's values are scalars, several sites' are per-site lists)."""
+    meta = json.loads((FIXTURES / name / "expected.json").read_text())
+    if "site" in meta:
+        return {OUR_SITE[meta["site"]]: (meta["num_codebooks"], meta["num_codes"],
+                                         meta["k_codebook"])}
+    return {OUR_SITE[site]: tuple(values) for site, *values in zip(
+        meta["sites"], meta["num_codebooks"], meta["num_codes"], meta["k_codebook"], strict=True)}
+
+
+def assert_sites(model: CodebookModel, name: str) -> None:
+    """Every codebook layer has the fixture's number of codebooks, C and k at its site."""
+    sites = fixture_sites(name)
+    assert model.codebook_config.sites == list(sites)
+    for (_, site), layer in model.codebook_layers().items():
+        assert (layer.groups, layer.num_codes, layer.k) == sites[site], site
+        assert (model.codebook_config.num_codes_at(site),
+                model.codebook_config.k_at(site)) == sites[site][1:]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_loader_reproduces_the_original_library(name):
     meta = json.loads((FIXTURES / name / "expected.json").read_text())
     fixture = FIXTURES / name
     model = CodebookModel.from_pretrained(fixture / "codebook", base=fixture / "base")
     config = model.codebook_config
-    assert config.sites == [OUR_SITE[meta["site"]]]
     assert config.layers == meta["layers_to_snap"]
-    assert (config.num_codes, config.k) == (meta["num_codes"], meta["k_codebook"])
     assert (config.combine, config.layer_norm) == ("mean", True)
-    assert all(layer.groups == meta["num_codebooks"] for layer in model.codebook_layers().values())
+    assert_sites(model, name)
     assert_matches_fixture(model, name)
     exp = expected(name)
     with torch.no_grad(), model.codebooks_disabled():
@@ -281,6 +303,65 @@ def test_convert_then_load_then_steer(tmp_path, capsys):
     assert max_diff(steered, plain) > 1e-3
 
 
+@pytest.mark.parametrize("name", PER_SITE)
+def test_per_site_num_codes_and_k_survive_conversion(tmp_path, capsys, name):
+    # The library sets num_codes and k_codebook per entry of codebook_at: each site keeps its own
+    # C and k through convert-original, save and load.
+    out = tmp_path / "converted"
+    assert main(["convert-original", str(FIXTURES / name / "codebook"),
+                 "--base", str(FIXTURES / name / "base"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for site, (_, codes, k) in fixture_sites(name).items():
+        assert f"{site} {codes} codes k={k}" in printed
+    saved = json.loads((out / "codebook_config.json").read_text())
+    assert saved["per_site"]  # the sites that differ from the first
+    model = CodebookModel.from_pretrained(out)
+    assert_sites(model, name)
+    assert_matches_fixture(model, name)
+    # Steering addresses each site's own code ids: the last code of the mlp site exists there
+    # only (C differs), and replacing with it changes the output.
+    mlp_codes = model.codebook_config.num_codes_at("mlp_out")
+    ids = expected(name)["input_ids"]
+    plain, _ = run(model, ids)
+    with model.steer(Steering(codes=[f"1:mlp_out:0:{mlp_codes - 1}"], mode="replace")):
+        steered, codes = run(model, ids)
+    assert (codes["codes.layer1.mlp"][..., 0, 0] == mlp_codes - 1).all()
+    assert max_diff(steered, plain) > 1e-3
+
+
+def test_our_config_keeps_per_site_overrides(tmp_path):
+    config = CodebookConfig(sites=["attn_heads", "mlp_out"], num_codes=32, k=2,
+                            per_site={"mlp_out": {"num_codes": 48, "k": 3}})
+    assert [(config.num_codes_at(s), config.k_at(s)) for s in config.sites] == [(32, 2), (48, 3)]
+    config.save(tmp_path)
+    assert CodebookConfig.load(tmp_path) == config
+    assert "per_site" not in CodebookConfig().to_dict()  # saved configs without it are unchanged
+    for per_site, message in (({"block_out": {"k": 1}}, "not one of the sites"),
+                              ({"mlp_out": {"codes": 4}}, "unknown keys"),
+                              ({"mlp_out": {"k": 33}}, r"k at mlp_out must be between 1 and its "
+                                                       r"num_codes \(32\)"),
+                              ({"mlp_out": {"num_codes": 1}}, r"between 1 and its num_codes \(1\)"),
+                              ({"mlp_out": {"k": 2.5}}, "must be an integer")):
+        with pytest.raises(ValueError, match=message):
+            CodebookConfig(sites=["attn_heads", "mlp_out"], num_codes=32, k=2, per_site=per_site)
+
+
+def test_a_per_site_model_exports_and_its_bundle_matches(tmp_path):
+    from cbexport import export_bundle
+    from tests.test_analysis import word_tokenizer
+
+    model = load_original(FIXTURES / "gpt2_per_site" / "codebook",
+                          FIXTURES / "gpt2_per_site" / "base")
+    model.tokenizer = word_tokenizer()  # the fixtures have none; the bundle needs one
+    manifest = export_bundle(model, tmp_path / "bundle", formats="onnx", optimize=False)
+    sites = {(s["layer"], s["site"]): (s["groups"], s["num_codes"], s["k"])
+             for s in manifest["sites"]}
+    assert sites == {(layer, site): values for layer in (0, 1)
+                     for site, values in fixture_sites("gpt2_per_site").items()}
+    report = json.loads((tmp_path / "bundle" / "verification.json").read_text())
+    assert report["passed"] and report["max_abs_diff"] <= 1e-4
+
+
 def test_converter_refuses_to_overwrite_its_source(tmp_path, capsys):
     src, base = copy_fixture("gpt2_mlp", tmp_path)
     before = (src / "model.safetensors").read_bytes()
@@ -379,6 +460,76 @@ def test_hub_download_fetches_pytorch_model_bin_only_when_needed(tmp_path, monke
     assert not (tmp_path / "snapshots" / "orig--base" / "model.safetensors").exists()
 
 
+POLICY_SCRIPT = """
+import json, sys
+from pathlib import Path
+from app.models import ModelRegistry
+from app.settings import Settings
+
+results = {}
+for name in sys.argv[2:]:
+    registry = ModelRegistry(Settings(model="default", model_roots=(Path(sys.argv[1]).resolve(),)))
+    try:
+        results[name] = type(registry.load_for_visitor(name).model).__name__
+    except Exception as err:
+        results[name] = f"{type(err).__name__}: {err}"
+print(json.dumps(results))
+"""
+
+
+def test_a_base_named_inside_a_hub_repo_passes_the_apps_checks(tmp_path):
+    # A visitor's Hub repo names its base model in config.json: that name must pass the checks
+    # a name typed in the model box passes (Hub ids; local directories only inside the roots),
+    # and a refusal must not show anything read from a local directory.
+    from tests.test_analysis import word_tokenizer
+
+    fixture = FIXTURES / "gpt2_mlp"
+
+    def base_copy(directory: Path) -> str:
+        shutil.copytree(fixture / "base", directory)
+        word_tokenizer().save_pretrained(directory)
+        return str(directory)
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "config.json").write_text(json.dumps({"model_type": "s3cr3t-model-type"}))
+    work = tmp_path / "work"
+    base_copy(work / "owner" / "base")  # a repo-id-shaped path beside the server
+    cache = tmp_path / "hub"
+    build_hub_cache(cache, "orig/base", {"main": Path(base_copy(tmp_path / "hub-base"))})
+    bases = {
+        "visitor/outside": base_copy(tmp_path / "outside" / "base"),
+        "visitor/secret": str(secret),
+        "visitor/relative": "owner/base",
+        "visitor/dotdot": "../outside/base",
+        "visitor/home": "~",
+        "visitor/hub": "orig/base",
+        "visitor/allowed": base_copy(tmp_path / "models" / "base"),
+    }
+    for repo, base in bases.items():
+        src = tmp_path / "repos" / repo
+        shutil.copytree(fixture / "codebook", src)
+        edit_json(src / "config.json", base_model_name_or_path=base)
+        build_hub_cache(cache, repo, {"main": src})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", POLICY_SCRIPT, str(tmp_path / "models"), *bases],
+                          env=env, cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results.pop("visitor/hub") == "CodebookModel"
+    assert results.pop("visitor/allowed") == "CodebookModel"
+    expected = {"visitor/outside": "outside the folders this server allows",
+                "visitor/secret": "outside the folders this server allows",
+                "visitor/relative": "also names a local path on this server",
+                "visitor/dotdot": "outside the folders this server allows",
+                "visitor/home": "outside the folders this server allows"}
+    for repo, message in results.items():
+        assert message.startswith(f"ModelError: cannot load {repo!r}: base model "), message
+        assert expected[repo] in message, message
+        assert "s3cr3t" not in message
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 
@@ -414,9 +565,10 @@ BAD_INPUTS = {
                          r"supported; at 'attn_preproj' we support one codebook per attention"),
     "group mlp": ("gpt2_mlp", _config(codebook_type=["group"], num_codebooks=[4]), ValueError,
                   r"num_codebooks=4 at 'mlp' is not supported"),
-    "per-site sizes": ("gpt2_mlp", _config(codebook_at=["mlp", "attn"], codebook_type="vanilla",
-                                            num_codebooks=1, k_codebook=3, num_codes=[48, 64]),
-                       ValueError, r"different num_codes \[48, 64\]"),
+    "per-site k above C": ("gpt2_per_site", _config(k_codebook=[2, 49]), ValueError,
+                           r"k_codebook 49 at 'mlp' must be between 1 and its num_codes 48"),
+    "per-site lengths": ("gpt2_per_site", _config(num_codes=[32, 48, 64]), ValueError,
+                         r"num_codes has 3 entries for 2 codebook sites"),
     "similarity": ("gpt2_mlp", _config(similarity_metric="cosine"), ValueError,
                    r"similarity_metric 'cosine' is not supported"),
     "soft snap": ("gpt2_mlp", _config(codebook_kwargs={"soft_snap": True}), ValueError,
