@@ -11,10 +11,12 @@ from __future__ import annotations
 import threading
 import weakref
 
+from app import inputs
 from app.inputs import InputError
 from app.models import LoadedModel
 from codebook.index import INDEX_NAME, CodeIndex, Layout
 from codebook.steering import CodeRef
+from codebook.text import Regex, compile_regex
 
 # Example contexts shown per code in search tables (each code costs a scan of its hits).
 EXAMPLES_PER_CODE = 2
@@ -99,21 +101,25 @@ def _row(loaded: LoadedModel, score) -> dict:
     return {**score.to_dict(), "example": " · ".join(shown)}
 
 
+def _visitor_regex(pattern: str) -> Regex:
+    """A visitor's regex, its matching for this request limited to the app's time."""
+    return compile_regex(pattern, time_limit=inputs.REGEX_TIME_LIMIT)
+
+
 def topic_search(loaded: LoadedModel, pattern: str, top: int = 12) -> tuple[list[dict], str]:
     """Codes whose activations fall most often in stories after the topic's first mention (the
     ``context`` statistic of :mod:`codebook.search`: the codes that keep the model writing about
     it), each with an example context; and a one-line summary of what was searched."""
     from codebook.search import topic_search as search
-    from codebook.text import compile_regex
 
     texts = document_texts(loaded)
-    regex = compile_regex(pattern)
-    if not any(regex.search(text) for text in texts):
-        raise InputError(f"none of the {len(texts):,} indexed stories matches /{pattern}/: try "
-                         "another word")
     idx = index(loaded)
     try:
-        found = search(idx.documents(), idx.layout, loaded.surfaces(), {"topic": pattern},
+        regex = _visitor_regex(pattern)
+        if not any(regex.search(text) for text in texts):
+            raise InputError(f"none of the {len(texts):,} indexed stories matches /{pattern}/: "
+                             "try another word")
+        found = search(idx.documents(), idx.layout, loaded.surfaces(), {"topic": regex},
                        top=top)["topic"]
     except ValueError as err:
         raise InputError(str(err)) from None
@@ -130,7 +136,7 @@ def code_search(loaded: LoadedModel, pattern: str, top: int = 25) -> tuple[list[
 
     idx = index(loaded)
     try:
-        targets = regex_targets(idx, loaded.surfaces(), pattern)
+        targets = regex_targets(idx, loaded.surfaces(), _visitor_regex(pattern))
         scores = search(idx, targets, top=top)
     except ValueError as err:
         raise InputError(str(err)) from None

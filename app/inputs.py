@@ -15,6 +15,9 @@ MAX_SEED = 2**32 - 1
 MAX_TEMPERATURE = 5.0
 MAX_STRENGTH = 100.0
 MAX_REGEX_CHARS = 200
+# Seconds one request may spend matching a visitor's regex (summed over every text it searches):
+# a pattern such as (.|..)*# backtracks exponentially, and the limit turns that into a message.
+REGEX_TIME_LIMIT = 2.0
 MAX_CODES = 64
 
 

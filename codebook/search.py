@@ -41,13 +41,12 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import re
 
 import numpy as np
 
 from codebook.index import CodeIndex, Layout
 from codebook.steering import CodeRef
-from codebook.text import compile_regex, spans
+from codebook.text import Regex, compile_regex, spans
 
 TARGET_TOKENS = ("all", "first", "last")
 
@@ -75,7 +74,12 @@ def f1(precision, recall):
     return np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
 
 
-def _group_of(regex: re.Pattern, group: int | str | None) -> int | str:
+def _regex(pattern: str | Regex, ignore_case: bool) -> Regex:
+    """``pattern`` compiled, unless it already is (then with its own case and time limit)."""
+    return pattern if isinstance(pattern, Regex) else compile_regex(pattern, ignore_case)
+
+
+def _group_of(regex: Regex, group: int | str | None) -> int | str:
     if group is None:
         return 1 if regex.groups else 0
     if isinstance(group, str) and group.isdigit():
@@ -89,14 +93,15 @@ def _group_of(regex: re.Pattern, group: int | str | None) -> int | str:
 
 
 def regex_targets(
-    index: CodeIndex, surfaces: list[str], pattern: str, group: int | str | None = None,
+    index: CodeIndex, surfaces: list[str], pattern: str | Regex, group: int | str | None = None,
     tokens: str = "all", ignore_case: bool = True,
 ) -> np.ndarray:
-    """``[N]`` bool: the indexed tokens that ``pattern`` selects. ``tokens`` says which tokens of a
-    multi-token match count: ``all`` of them, only the ``first`` or only the ``last``."""
+    """``[N]`` bool: the indexed tokens that ``pattern`` (a string, or a :class:`Regex` with its
+    own case and time limit) selects. ``tokens`` says which tokens of a multi-token match count:
+    ``all`` of them, only the ``first`` or only the ``last``."""
     if tokens not in TARGET_TOKENS:
         raise ValueError(f"tokens must be one of {TARGET_TOKENS}, got {tokens!r}")
-    regex = compile_regex(pattern, ignore_case)
+    regex = _regex(pattern, ignore_case)
     group = _group_of(regex, group)
     targets = np.zeros(index.num_tokens, dtype=bool)
     for d in range(index.num_documents):
@@ -174,7 +179,7 @@ class TopicResult:
 
 @dataclasses.dataclass
 class _Topic:
-    regex: re.Pattern
+    regex: Regex
     documents: int = 0
     tokens: int = 0
     lead_ins: int = 0
@@ -188,7 +193,7 @@ class _Topic:
 class TopicCounter:
     """Accumulates, one document at a time, what topic search needs for several topics."""
 
-    def __init__(self, layout: Layout, surfaces: list[str], patterns: dict[str, str],
+    def __init__(self, layout: Layout, surfaces: list[str], patterns: dict[str, str | Regex],
                  ignore_case: bool = True):
         if not patterns:
             raise ValueError("no topic to search for")
@@ -197,7 +202,7 @@ class TopicCounter:
         self.documents = self.tokens = 0
         self.topics = {}
         for name, pattern in patterns.items():
-            topic = _Topic(compile_regex(pattern, ignore_case))
+            topic = _Topic(_regex(pattern, ignore_case))
             topic.in_documents = np.zeros(layout.size, dtype=np.int64)
             topic.presence = np.zeros(layout.size, dtype=np.int64)
             topic.at_lead_ins = np.zeros(layout.size, dtype=np.int64)
@@ -284,11 +289,12 @@ class TopicCounter:
 
 
 def topic_search(
-    documents, layout: Layout, surfaces: list[str], patterns: dict[str, str],
+    documents, layout: Layout, surfaces: list[str], patterns: dict[str, str | Regex],
     statistic: str = "context", top: int = 20, ignore_case: bool = True,
 ) -> dict[str, TopicResult]:
-    """Topic search for each of ``patterns`` (name → regex) over ``documents``, an iterable of
-    ``(token ids, flat codes)`` (:meth:`CodeIndex.documents`, :func:`corpus_documents`)."""
+    """Topic search for each of ``patterns`` (name → regex string or :class:`Regex`) over
+    ``documents``, an iterable of ``(token ids, flat codes)`` (:meth:`CodeIndex.documents`,
+    :func:`corpus_documents`)."""
     counter = TopicCounter(layout, surfaces, patterns, ignore_case)
     for tokens, flat in documents:
         counter.add(tokens, flat)

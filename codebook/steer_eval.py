@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from codebook.steering import Steering
-from codebook.text import compile_regex, encode_document, stop_ids
+from codebook.text import Regex, compile_regex, encode_document, stop_ids
 
 PAPER_PROMPTS = ("", "Once upon a time,", "Once there was a", "A long time ago,")
 
@@ -115,7 +115,7 @@ def sample_prompts(
     return run
 
 
-def summarize(run: dict, regex: re.Pattern, prompts, keep_samples: bool = False) -> dict:
+def summarize(run: dict, regex: Regex, prompts, keep_samples: bool = False) -> dict:
     """Success rate (overall and per prompt), loss, distinct-2 and length of a
     :func:`sample_prompts` run."""
     texts = run["texts"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -27,7 +30,7 @@ from codebook.search import (
     token_targets,
     topic_search,
 )
-from codebook.text import encode_document, token_surfaces
+from codebook.text import RegexTimeout, compile_regex, encode_document, token_surfaces
 from tests.test_model import tiny_model
 from tests.tiny_models import VOCAB, tiny_base
 
@@ -264,6 +267,65 @@ def test_search_errors_name_the_problem():
         code_summary(index, CodeRef(0, "attn_heads", 0, 9), surfaces)
     with pytest.raises(ValueError, match="no codebook at layer 3"):
         code_summary(index, CodeRef(3, "attn_heads", 0, 1), surfaces)
+
+
+# Nested repeats with overlapping alternatives: the number of ways to split a text of n
+# characters grows like Fibonacci(n), and the required "#" or "%" never comes, so every one is
+# tried. (The report's "(.+)+#" is as slow with Python's re; the regex package sees that "#" is
+# missing and answers at once, so the tests use a pattern that defeats it too.)
+HOSTILE = r"(?:.|..)*(?:#|%)"
+
+
+def test_a_time_limited_regex_stops_with_a_clear_error_and_lets_other_threads_run():
+    hostile = compile_regex(HOSTILE, time_limit=0.5)
+    ticks = []
+    stop = threading.Event()
+
+    def tick():  # a thread that needs the GIL, as a web server's other requests do
+        while not stop.wait(0.01):
+            ticks.append(time.monotonic())
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(RegexTimeout, match=r"took longer than 0.5 s to match; simplify it"):
+            hostile.finditer("the girl ran to the park and saw a big dragon there " * 2)
+    finally:
+        elapsed = time.monotonic() - started
+        stop.set()
+        ticker.join()
+    assert elapsed < 4
+    assert len([t for t in ticks if t < started + elapsed]) >= 10  # the GIL was released
+    # The limit is for all matching done with the pattern: once spent, the next call stops.
+    started = time.monotonic()
+    with pytest.raises(RegexTimeout):
+        hostile.search("a")
+    assert time.monotonic() - started < 0.1
+    # The report's pattern, on a text long enough to take Python's re for ever, and matches.
+    assert compile_regex(r"(.+)+#", time_limit=0.5).finditer("a" * 10_000) == []
+    assert [m.span() for m in compile_regex("DRAGON", time_limit=0.5).finditer(
+        "a dragon, a Dragon")] == [(2, 8), (12, 18)]
+
+
+def test_searches_stop_at_the_regexs_time_limit():
+    model = identity_model("dragon")
+    index = build_index(model, corpus(6), progress=False)
+    for run in (lambda regex: regex_targets(index, token_surfaces(model.tokenizer), regex),
+                lambda regex: search(model, corpus(6), regex)):
+        started = time.monotonic()
+        with pytest.raises(RegexTimeout, match="took longer than 0.2 s"):
+            run(compile_regex(HOSTILE, time_limit=0.2))
+        assert time.monotonic() - started < 3
+
+
+def test_a_regex_that_repeats_too_much_is_refused_before_it_is_compiled():
+    # The regex package unrolls counted repeats when it compiles: these would take gigabytes.
+    for pattern in (r"(?:(?:(?:a{100}){100}){100}){100}", r"[\w\W]{4294967294}"):
+        with pytest.raises(ValueError, match="repeats too much"):
+            compile_regex(pattern)
+    assert compile_regex(r"\b\d{4}-\d{2}-\d{2}\b|(?:\w+ ){3}dragon|a{0,100000}").search(
+        "on 2023-01-02 a big red dragon")
 
 
 def test_code_summary_counts_and_marks_contexts():

@@ -357,6 +357,75 @@ def test_sixteen_concurrent_clients_all_complete(app, dragon):
             results[i % 4]["unsteered"], results[i % 4]["steered"])
 
 
+# -- hostile regexes --------------------------------------------------------------------------
+
+# "(.+)+#" is the reported one: with Python's re one generation highlighting it took 138 s and
+# stalled every other request. The second is exponential for any backtracking engine.
+HOSTILE_REGEXES = [r"(.+)+#", r"(?:.|..)*(?:#|%)"]
+SLOW_MESSAGE = "took longer than 2 s to match; simplify it"
+
+
+@pytest.mark.slow
+def test_hostile_regexes_neither_stall_the_page_nor_other_visitors(app, dragon):
+    def page_loads(done: threading.Event) -> list[float]:
+        times = []
+        while not done.is_set():
+            started = time.monotonic()
+            httpx.get(app[0], timeout=30).raise_for_status()
+            times.append(time.monotonic() - started)
+            done.wait(0.2)
+        return times
+
+    def timed(call) -> tuple[float, str]:
+        started = time.monotonic()
+        try:
+            answer = str(call())
+        except AppError as err:
+            answer = str(err)
+        return time.monotonic() - started, answer
+
+    def hostile(pattern: str) -> dict[str, tuple[float, str]]:
+        client = Client(app[0], verbose=False)
+        return {
+            "/generate": timed(lambda: generate(client, codes=dragon, max_tokens=MAX_NEW_TOKENS,
+                                                highlight=pattern).result(timeout=60)[3]),
+            **{endpoint: timed(lambda e=endpoint: client.submit(pattern, api_name=e)
+                               .result(timeout=60))
+               for endpoint in ("/search_codes", "/search_topics")},
+        }
+
+    def bystander() -> tuple[float, str]:  # another visitor generating meanwhile
+        return timed(lambda: generate(Client(app[0], verbose=False), codes=dragon,
+                                      max_tokens=MAX_NEW_TOKENS, seed=3).result(timeout=120)[4])
+
+    done = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        loads = pool.submit(page_loads, done)
+        time.sleep(1)
+        calls = [pool.submit(hostile, pattern) for pattern in HOSTILE_REGEXES]
+        other = pool.submit(bystander)
+        try:
+            reported, exponential = (call.result(timeout=180) for call in calls)
+            other_time, other_story = other.result(timeout=180)
+        finally:
+            done.set()
+        times = loads.result(timeout=60)
+    print(f"GET / under hostile regexes: {len(times)} loads, slowest {max(times):.2f} s; "
+          f"hostile calls {[round(t, 1) for t, _ in exponential.values()]} s; "
+          f"the other visitor's generation {other_time:.1f} s")
+    assert max(times) < 5 and len(times) >= 5
+    assert other_story and other_time < 60
+    # The reported pattern: the regex package sees "#" is missing and answers at once.
+    assert "Topic words: 0 without" in reported["/generate"][1]
+    assert "selects no token" in reported["/search_codes"][1]
+    assert "none of the 45 indexed stories matches" in reported["/search_topics"][1]
+    # The exponential one is cut at the app's limit, with a message that says so.
+    generated, searched_codes, searched_topics = exponential.values()
+    assert "Topic words are not marked" in generated[1] and SLOW_MESSAGE in generated[1]
+    for elapsed, answer in (searched_codes, searched_topics):
+        assert SLOW_MESSAGE in answer and elapsed < 15, (elapsed, answer)
+
+
 # -- a visitor in a browser ---------------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")

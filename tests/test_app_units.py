@@ -12,6 +12,7 @@ import collections
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -330,14 +331,37 @@ def test_continuation_text_is_what_follows_the_prompt(loaded):
 # -- highlighting ---------------------------------------------------------------------------------
 
 def test_topic_words_are_marked_and_everything_is_escaped():
-    pattern = highlight.topic_pattern("dragon|fire")
-    html = highlight.story_html("<b>Once</b>", " a Dragon & fire<script>", pattern)
+    marker = highlight.Highlighter("dragon|fire")
+    html = marker.story_html("<b>Once</b>", " a Dragon & fire<script>")
     assert "<b>" not in html and "<script>" not in html
     assert "&lt;b&gt;Once&lt;/b&gt;" in html
     assert "<mark>Dragon</mark> &amp; <mark>fire</mark>&lt;script&gt;" in html
-    assert highlight.count_matches("dragon, fire, DRAGON", pattern) == 3
-    assert highlight.topic_pattern("(unclosed") is None and highlight.topic_pattern("") is None
-    assert highlight.count_matches("aaa", highlight.topic_pattern("x*")) == 0  # empty matches
+    assert marker.count("dragon, fire, DRAGON") == 3 and marker.problem is None
+    assert highlight.Highlighter("(unclosed").regex is None
+    assert highlight.Highlighter("").regex is None
+    assert highlight.Highlighter("x*").count("aaa") == 0  # empty matches
+
+
+# Exponential for every backtracking engine (see tests/test_analysis.py).
+HOSTILE = r"(?:.|..)*(?:#|%)"
+
+
+def test_a_slow_regex_stops_highlighting_and_searches_with_a_message(loaded, monkeypatch):
+    from app import analysis
+
+    marker = highlight.Highlighter(HOSTILE, time_limit=0.3)
+    story = " the girl ran to the park and saw a big dragon there" * 2
+    html = marker.story_html("Once", story)
+    assert story in html and "<mark>" not in html  # the story is shown, unmarked
+    assert "took longer than 0.3 s to match; simplify it" in marker.problem
+    started = time.monotonic()
+    assert marker.count(story) == 0 and time.monotonic() - started < 0.1  # no second try
+    monkeypatch.setattr(inputs, "REGEX_TIME_LIMIT", 0.3)
+    for search in (analysis.code_search, analysis.topic_search):
+        started = time.monotonic()
+        with pytest.raises(InputError, match="took longer than 0.3 s to match; simplify it"):
+            search(loaded, HOSTILE)
+        assert time.monotonic() - started < 4
 
 
 # -- token view -----------------------------------------------------------------------------------

@@ -217,33 +217,37 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         steering = inputs.steering(loaded, codes_now, strength_now, mode_now, positions_now)
         temperature_value = inputs.temperature(temperature_now)
         used_seed = inputs.seed(seed_now, bool(random_now))
-        pattern = highlight.topic_pattern(highlight_now)
+        # Marking runs between forward passes, never while holding the model's lock.
+        marker = highlight.Highlighter(highlight_now)
         pair = ([], [])
         sent = 0.0
 
         def view(tokens):
-            return highlight.story_html(prompt_text, continuation_text(loaded, ids, tokens),
-                                        pattern)
+            return marker.story_html(prompt_text, continuation_text(loaded, ids, tokens))
 
         for pair in side_by_side(loaded, ids, steering, used_seed, temperature_value, max_new):
             if time.monotonic() - sent >= STREAM_INTERVAL:
                 sent = time.monotonic()
                 yield view(pair[0]), view(pair[1]), used_seed, gr.skip(), gr.skip(), gr.skip()
         texts = [continuation_text(loaded, ids, tokens) for tokens in pair]
+        stories = view(pair[0]), view(pair[1])
         note = (f"Seed {used_seed}, temperature {temperature_value:g}: "
                 f"{len(pair[0])} and {len(pair[1])} new tokens.")
         if steering is None:
             note += " No codes are switched on, so both sides are the same: pick a topic."
-        elif pattern is not None:
-            counts = [highlight.count_matches(t, pattern) for t in texts]
-            note += f" Topic words: {counts[0]} without, **{counts[1]} with steering**."
+        elif marker.regex is not None:
+            counts = [marker.count(t) for t in texts]
+            if not marker.problem:  # both counted within the time limit
+                note += f" Topic words: {counts[0]} without, **{counts[1]} with steering**."
+        if marker.problem:
+            note += f" Topic words are not marked: {marker.problem}."
         last_run = {"prompt": prompt_text, "prompt_ids": ids, "tokens": [list(t) for t in pair],
                     "steering": steering.to_json() if steering else None}
         texts_out = {"unsteered": texts[0], "steered": texts[1],
                      "tokens": [len(pair[0]), len(pair[1])], "seed": used_seed,
                      "temperature": temperature_value,
                      "steering": steering.to_dict() if steering else None}
-        yield view(pair[0]), view(pair[1]), used_seed, note, texts_out, last_run
+        yield *stories, used_seed, note, texts_out, last_run
 
     gr.on([generate.click, prompt.submit], run,
           [ctx.model_state, prompt, codes, strength, mode, positions, seed, random_seed,
