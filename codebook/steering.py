@@ -182,5 +182,5 @@ class Steering:
             bias = result[(layer_idx, site)].bias[head]
             if self.mode == "replace":
                 bias.fill_(-math.inf)
-            bias[sorted(codes)] = math.inf
+            bias[torch.tensor(sorted(codes), device=bias.device)] = math.inf
         return result

@@ -65,25 +65,31 @@ def kmeans(
     direction); a centroid is the mean of its points, so it keeps their typical norm. Empty
     clusters restart at a random point. With fewer points than codes, points are reused with a
     little noise.
+
+    ``generator`` is a CPU generator whatever the device of ``x``: random numbers are drawn on
+    the CPU and moved to ``x``'s device, so a seed gives the same centroids on every device.
     """
     groups, n, dim = x.shape
+    device = x.device
     if n < num_codes:
-        start = torch.randint(n, (groups, num_codes), generator=generator)
+        start = torch.randint(n, (groups, num_codes), generator=generator).to(device)
         centroids = torch.gather(x, 1, start[..., None].expand(-1, -1, dim)).clone()
-        centroids += 1e-3 * x.std() * torch.randn(centroids.shape, generator=generator)
+        noise = torch.randn(centroids.shape, generator=generator).to(device, x.dtype)
+        centroids += 1e-3 * x.std() * noise
     else:
         centroids = _kmeans_plus_plus(x, num_codes, similarity, generator)
-    offsets = torch.arange(groups)[:, None] * num_codes
+    offsets = torch.arange(groups, device=device)[:, None] * num_codes
     points = x.reshape(groups * n, dim)
     for _ in range(iters):
         assignment = _assign(x, centroids, similarity)  # [groups, n]
         flat = (assignment + offsets).reshape(-1)
-        sums = torch.zeros(groups * num_codes, dim).index_add_(0, flat, points)
+        sums = torch.zeros(groups * num_codes, dim, dtype=x.dtype, device=device)
+        sums.index_add_(0, flat, points)
         counts = torch.bincount(flat, minlength=groups * num_codes).reshape(groups, num_codes)
         new = sums.reshape(groups, num_codes, dim) / counts.clamp_min(1)[..., None]
         empty = counts == 0
         if empty.any():
-            restart = torch.randint(n, (int(empty.sum()),), generator=generator)
+            restart = torch.randint(n, (int(empty.sum()),), generator=generator).to(device)
             new[empty] = x[empty.nonzero()[:, 0], restart]
         centroids = new
     return centroids
@@ -95,11 +101,12 @@ def _kmeans_plus_plus(x: Tensor, num_codes: int, similarity: str,
     proportional to its squared distance (cosine: ``1 - cos``) to the nearest centroid so far,
     which keeps plain random seeding from stacking centroids in one cluster."""
     groups, n, dim = x.shape
-    rows = torch.arange(groups)
+    device = x.device
+    rows = torch.arange(groups, device=device)
     points = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8) if similarity == "cosine" else x
-    chosen = torch.empty(groups, num_codes, dtype=torch.long)
-    chosen[:, 0] = torch.randint(n, (groups,), generator=generator)
-    nearest = torch.full((groups, n), float("inf"))
+    chosen = torch.empty(groups, num_codes, dtype=torch.long, device=device)
+    chosen[:, 0] = torch.randint(n, (groups,), generator=generator).to(device)
+    nearest = torch.full((groups, n), float("inf"), dtype=x.dtype, device=device)
     for i in range(1, num_codes):
         last = points[rows, chosen[:, i - 1]]  # [groups, dim]
         if similarity == "cosine":
@@ -108,7 +115,8 @@ def _kmeans_plus_plus(x: Tensor, num_codes: int, similarity: str,
             distance = (points - last[:, None]).pow(2).sum(-1)
         nearest = torch.minimum(nearest, distance)
         weights = nearest.clamp_min(0) + 1e-12  # all points equal: still a valid distribution
-        chosen[:, i] = torch.multinomial(weights, 1, generator=generator)[:, 0]
+        # Drawn on the CPU with the CPU generator (see kmeans): one [groups, n] copy per code.
+        chosen[:, i] = torch.multinomial(weights.cpu(), 1, generator=generator)[:, 0].to(device)
     return x[rows[:, None], chosen].clone()
 
 

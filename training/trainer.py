@@ -398,8 +398,8 @@ def _finetune(config, procs: Processes, command, on_step) -> Path:
 
 def _log_record(step, loss, grad_norm, scheduler, tokens_per_step, window_steps, window_start,
                 probe, usage, revived, procs) -> dict:
-    if procs.distributed:  # the logged loss is the global batch's
-        value = torch.tensor([loss], dtype=torch.float64)
+    if procs.distributed:  # the logged loss is the global batch's (NCCL reduces GPU tensors)
+        value = torch.tensor([loss], dtype=torch.float64, device=procs.device)
         dist.all_reduce(value)
         loss = float(value) / procs.world_size
     seconds = time.perf_counter() - window_start
