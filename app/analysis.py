@@ -1,5 +1,6 @@
 """What the Codes tab and the Steer tab's topic search read: a model's code activation index
-(``code_index.safetensors`` beside it, made by ``python -m codebook index``), queried with
+(``code_index.safetensors``, made by ``python -m codebook index``: one's own copy in the data
+directory first, else the one beside the model, see :mod:`codebook.userdata`), queried with
 :mod:`codebook.search`, :mod:`codebook.contexts` and :mod:`codebook.promote`.
 
 A model without an index still steers; the searches then raise :class:`NoIndexError`, whose
@@ -17,6 +18,7 @@ from app.models import LoadedModel
 from codebook.index import INDEX_NAME, CodeIndex, Layout
 from codebook.steering import CodeRef
 from codebook.text import Regex, compile_regex
+from codebook.userdata import analysis_file
 
 # Example contexts shown per code in search tables (each code costs a scan of its hits).
 EXAMPLES_PER_CODE = 2
@@ -48,8 +50,12 @@ def _analysis(loaded: LoadedModel) -> _Analysis:
         return _analyses[loaded]
 
 
+def _index_path(loaded: LoadedModel):
+    return analysis_file(loaded.directory, INDEX_NAME)
+
+
 def has_index(loaded: LoadedModel) -> bool:
-    return (loaded.directory / INDEX_NAME).is_file()
+    return _index_path(loaded).is_file()
 
 
 def index(loaded: LoadedModel) -> CodeIndex:
@@ -63,7 +69,7 @@ def index(loaded: LoadedModel) -> CodeIndex:
                     "or browsed (steering still works). Its author can add one with: python -m "
                     "codebook index --model MODEL --data TEXT_FILES")
             try:
-                loaded_index = CodeIndex.load(loaded.directory / INDEX_NAME)
+                loaded_index = CodeIndex.load(_index_path(loaded))
                 loaded_index.layout.check_model(loaded.model)
             except ValueError as err:
                 raise NoIndexError(f"the code index of {loaded.name!r} cannot be used: {err}"

@@ -23,6 +23,7 @@ from cbexport.steer import steering_arrays, topic_spec
 from codebook import hub
 from codebook.configuration import CONFIG_NAME
 from codebook.modeling import CodebookModel
+from codebook.topics import topics_path
 
 
 class ExportError(Exception):
@@ -135,7 +136,7 @@ def _write_bundle(model: CodebookModel, directory: Path | None, source: str, sta
     _write_tokenizer(model, directory, staging)
     topics = _topics(directory, manifest["sites"])
     if topics:
-        shutil.copyfile(directory / mf.FILES["topics"], staging / mf.FILES["topics"])
+        shutil.copyfile(topics_path(directory), staging / mf.FILES["topics"])
         manifest["topics"] = sorted(topics)
     try:
         if "onnx" in formats:
@@ -228,9 +229,10 @@ def _write_tokenizer(model: CodebookModel, directory: Path | None, staging: Path
 
 
 def _topics(directory: Path | None, sites: list[dict]) -> dict:
-    """The model's topic presets, checked against its codebooks (a preset naming a code the model
-    does not have is an error now rather than when someone steers with it)."""
-    path = None if directory is None else directory / mf.FILES["topics"]
+    """The model's topic presets (one's own copy first, as the app reads them), checked against
+    its codebooks (a preset naming a code the model does not have is an error now rather than
+    when someone steers with it)."""
+    path = None if directory is None else topics_path(directory)
     if path is None or not path.is_file():
         return {}
     try:

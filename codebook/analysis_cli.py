@@ -4,7 +4,7 @@ steer-eval.
 ``add_analysis_parsers(subparsers)`` registers them all. Heavy imports happen inside the handlers
 so that ``--help`` stays fast. Every query prints text, or JSON with ``--json``.
 
-* ``index``: run a model over text files and store its code activation index beside it;
+* ``index``: run a model over text files and store its code activation index;
 * ``code``: a code's frequency, top activating contexts and promoted tokens;
 * ``search``: codes ranked by precision and recall on a regex (or token) over the index;
 * ``topics``: codes that concentrate in documents about a topic; ``--save`` makes a preset;
@@ -12,12 +12,17 @@ so that ``--help`` stays fast. Every query prints text, or JSON with ``--json``.
 * ``steer-eval``: the paper's steering evaluation for a topic;
 * ``presets``: topic search, calibration and steering evaluation for several topics, saved as the
   model's presets (this is how the default model's ``topics.json`` is made).
+
+What they write (the index, presets) goes beside a model of one's own, and for a Hub model or the
+default model to one's data directory, never into the Hugging Face cache or the package
+(:mod:`codebook.userdata`); ``--output`` says where instead. Readers look there first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from codebook.text import FORMATS
 
@@ -106,8 +111,42 @@ def _load(args):
 
 def _index_of(args, directory):
     from codebook.index import INDEX_NAME, CodeIndex
+    from codebook.userdata import analysis_file
 
-    return CodeIndex.load(args.index or directory / INDEX_NAME)
+    return CodeIndex.load(args.index or analysis_file(directory, INDEX_NAME))
+
+
+def _output_option(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--output", metavar="PATH",
+                        help=f"{name} to write, or an existing directory to hold it (default: "
+                        "beside the "
+                        "model; for a Hub model or the default model, your data directory, "
+                        "see codebook/userdata.py)")
+
+
+def _output(args, directory, name: str) -> Path:
+    """Where a command writes its file ``name``: ``--output`` (a file, or a directory to hold
+    it), else the model's analysis directory; never into the Hugging Face cache."""
+    from codebook.userdata import analysis_dir, check_outside_hub_cache
+
+    if args.output:
+        path = Path(args.output).expanduser()
+        if path.is_dir():
+            path = path / name
+    else:
+        path = analysis_dir(directory) / name
+    return check_outside_hub_cache(path)
+
+
+def _save_presets(args, directory, new: dict) -> Path:
+    """Add the ``new`` presets to the ``topics.json`` the command writes, keeping the others it
+    holds (or, when there is none yet, the model's)."""
+    from codebook.topics import TOPICS_NAME, load_topics, save_topics
+
+    path = _output(args, directory, TOPICS_NAME)
+    presets = load_topics(path if path.is_file() else directory)
+    presets.update(new)
+    return save_topics(path, presets)
 
 
 def _print(args, result: dict, text: str) -> None:
@@ -193,11 +232,11 @@ def _add_index(subparsers) -> None:
     parser = subparsers.add_parser(
         "index", help="build a code activation index of text files",
         description="Run a codebook model over documents and store every token's codes, each "
-        "document's token offsets and each code's count (safetensors), beside the model unless "
-        "--output says otherwise.")
+        "document's token offsets and each code's count (safetensors), beside the model (for a "
+        "Hub model or the default model, in your data directory) unless --output says otherwise.")
     _common(parser, json_output=False)
     _data_options(parser, required=True, what="text files or folders of .txt files to index")
-    parser.add_argument("--output", help="index file (default: MODEL_DIR/code_index.safetensors)")
+    _output_option(parser, "the index file")
     parser.add_argument("--max-tokens", type=int,
                         help="keep the index small: only the first documents that fit this many "
                         "tokens")
@@ -213,6 +252,7 @@ def _run_index(args) -> None:
     from codebook.topics import load_topics
 
     model, directory = _load(args)
+    output = _output(args, directory, INDEX_NAME)
     documents = read_documents(args.data, args.format)
     meta = {"model": str(args.model), "sources": [str(p) for p in args.data]}
     if args.topic_stories:
@@ -224,7 +264,7 @@ def _run_index(args) -> None:
         meta["topic_stories_first"] = taken
     index = build_index(model, documents, args.batch_size, args.max_length, args.max_tokens,
                         args.progress, meta)
-    path = index.save(args.output or directory / INDEX_NAME)
+    path = index.save(output)
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.2f} MiB): {index.num_documents} of {len(documents)} documents, "
           f"{index.num_tokens} tokens, {len(index.layout.sites)} sites"
@@ -345,12 +385,13 @@ def _add_topics(subparsers) -> None:
     _steering_options(parser, codes=False)
     parser.add_argument("--save", action="store_true",
                         help="store the selected codes as each topic's preset in topics.json")
+    _output_option(parser, "topics.json")
     parser.set_defaults(func=_run_topics)
 
 
 def _run_topics(args) -> None:
     from codebook import hub
-    from codebook.topics import load_topics, make_preset, save_topics
+    from codebook.topics import load_topics, make_preset
 
     if not args.topic:
         presets = load_topics(hub.resolve_model_dir(args.model))
@@ -364,7 +405,7 @@ def _run_topics(args) -> None:
     presets = load_topics(directory)
     patterns = {topic: _topic_regex(topic, args.regex, presets) for topic in args.topic}
     found_all = _topic_results(args, model, directory, patterns)
-    results, lines = {}, []
+    results, lines, new = {}, [], {}
     for topic, found in found_all.items():
         steering = _topic_steering(args, model, found)
         result = {**found.to_dict(), "codes": [c.to_dict() for c in found.codes[:args.top]],
@@ -374,7 +415,7 @@ def _run_topics(args) -> None:
             search = {**found.to_dict(),
                       "codes": [c.to_dict() for c in found.codes if c.ref in chosen],
                       "corpus": [str(p) for p in args.data] if args.data else "index"}
-            presets[topic] = make_preset(patterns[topic], steering, {"search": search})
+            new[topic] = make_preset(patterns[topic], steering, {"search": search})
         results[topic] = result
         score = {"lead-in": "enrichment", "document": "F1"}.get(found.statistic, "precision")
         lines += [f"topic {topic!r} /{patterns[topic]}/: {found.topic_documents} of "
@@ -387,7 +428,7 @@ def _run_topics(args) -> None:
                   f"{s.hits:7} {s.count:7}" for s in found.codes[:args.top]]
         lines.append("selected for steering: " + ", ".join(result["selected"]))
     if args.save:
-        path = save_topics(directory, presets)
+        path = _save_presets(args, directory, new)
         lines.append(f"saved preset(s) {', '.join(args.topic)} to {path}")
     _print(args, results, "\n".join(lines))
 
@@ -460,12 +501,13 @@ def _add_steer_eval(subparsers) -> None:
     parser.add_argument("--show-samples", action="store_true", help="include the samples")
     parser.add_argument("--save", action="store_true",
                         help="record the result in the topic preset's stats (topics.json)")
+    _output_option(parser, "topics.json")
     parser.set_defaults(func=_run_steer_eval)
 
 
 def _run_steer_eval(args) -> None:
     from codebook.steer_eval import steer_eval
-    from codebook.topics import load_topics, make_preset, save_topics
+    from codebook.topics import load_topics, make_preset
 
     model, directory = _load(args)
     steering, regex, source = _resolve_steering(args, model, directory)
@@ -482,8 +524,8 @@ def _run_steer_eval(args) -> None:
         stats = dict(presets.get(args.topic, {}).get("stats", {}))
         # The preset holds the steering itself; the stats keep what was measured with it.
         stats["steer_eval"] = {k: v for k, v in result.items() if k not in ("topic", "steering")}
-        presets[args.topic] = make_preset(regex, steering, stats)
-        result["saved"] = str(save_topics(directory, presets))
+        preset = make_preset(regex, steering, stats)
+        result["saved"] = str(_save_presets(args, directory, {args.topic: preset}))
     base, steered = result["baseline"], result["steered"]
     fluency = result["fluency_ratio"]
     lines = [
@@ -518,7 +560,7 @@ def _add_presets(subparsers) -> None:
         "sampled on --calibration-seed; the highest steered rate whose fluency ratio stays "
         "within --max-fluency wins), then the paper's steering evaluation of the chosen setting "
         "on --seed, a different seed. Each topic's preset, with all three records in its stats, "
-        "is saved in the model's topics.json (other presets are kept).")
+        "is saved in the model's topics.json (other presets are kept; see --output).")
     _common(parser)
     parser.add_argument("--topic", nargs="+", metavar="TOPIC",
                         help="topics (default: the paper's seven); the regex is the preset's, "
@@ -546,6 +588,7 @@ def _add_presets(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="seed of the final evaluation")
     parser.add_argument("--dry-run", action="store_true", help="measure but do not save")
+    _output_option(parser, "topics.json")
     parser.add_argument("--plot", metavar="PNG", help="also plot the rates and the calibration "
                         "of the topics measured")
     parser.set_defaults(func=_run_presets)
@@ -571,7 +614,7 @@ def _run_presets(args) -> None:
     from codebook import calibrate as grid
     from codebook.calibrate import calibrate
     from codebook.steer_eval import steer_eval
-    from codebook.topics import PAPER_TOPICS, load_topics, make_preset, plot_presets, save_topics
+    from codebook.topics import PAPER_TOPICS, load_topics, make_preset, plot_presets
 
     for name, default in (("num_codes", list(grid.NUM_CODES)), ("strengths", list(grid.STRENGTHS)),
                           ("per_head", grid.PER_HEAD), ("max_fluency", grid.MAX_FLUENCY),
@@ -607,8 +650,7 @@ def _run_presets(args) -> None:
                   "corpus": [str(p) for p in args.data]}
         stats = {"search": search, "calibration": calibration.to_dict(),
                  "steer_eval": {k: v for k, v in evaluation.items() if k != "steering"}}
-        presets[topic] = make_preset(patterns[topic], steering, stats)
-        results[topic] = presets[topic]
+        results[topic] = make_preset(patterns[topic], steering, stats)
         base, steered = evaluation["baseline"], evaluation["steered"]
         layers = sorted({c.layer for c in steering.codes})
         lines.append(f"{topic:10} /{patterns[topic]}/ {len(steering.codes):3} codes in layers "
@@ -623,7 +665,7 @@ def _run_presets(args) -> None:
                  f"{100 * sum(rates) / len(rates):.1f}% (seed {args.seed}, "
                  f"{args.samples_per_prompt} samples per prompt)")
     if not args.dry_run:
-        lines.append(f"saved to {save_topics(directory, presets)}")
+        lines.append(f"saved to {_save_presets(args, directory, results)}")
     if args.plot:
         lines.append(f"plotted to {plot_presets(results, args.plot)}")
     _print(args, results, "\n".join(lines))

@@ -3,8 +3,9 @@
 Running a codebook model over documents records, at every site, the ``k`` chosen code ids of each
 group (attention head) for every token. :class:`CodeIndex` keeps them with the tokens, each
 document's token offsets and each code's count, in one safetensors file (``code_index.safetensors``
-beside a model; never pickle). Code ids are stored in the smallest unsigned type that holds them
-(``uint8`` for up to 256 codes), best-ranked first, as the op returns them.
+beside a model, or in one's data directory: :mod:`codebook.userdata`; never pickle). Code ids are
+stored in the smallest unsigned type that holds them (``uint8`` for up to 256 codes), best-ranked
+first, as the op returns them.
 
 Layout of the file (tensors, then the JSON ``__metadata__["codebook_index"]``):
 
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from codebook.steering import CodeRef
 from codebook.text import encode_document
+from codebook.userdata import replace_file
 
 INDEX_NAME = "code_index.safetensors"
 FORMAT = "codebook-code-index"
@@ -170,9 +172,8 @@ class CodeIndex:
             tensors[f"codes/{layer}/{site}"] = np.ascontiguousarray(codes)
             tensors[f"counts/{layer}/{site}"] = self.counts[(layer, site)]
         meta = {**self.meta, "format": FORMAT, "version": VERSION, "sites": self.layout.to_list()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
-        return path
+        return replace_file(path, lambda temporary: save_file(
+            tensors, str(temporary), metadata={_META_KEY: json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | Path) -> CodeIndex:

@@ -1,6 +1,8 @@
 """Topic presets: named steering settings found by topic search, kept in ``topics.json``.
 
-``topics.json`` sits beside a model (the default model ships one). It maps a topic name to::
+``topics.json`` sits beside a model (the default model ships one), or in one's own data directory
+for models whose folder is not one's own (a Hub model, the default model: see
+:mod:`codebook.userdata`, which says where it is read and written). It maps a topic name to::
 
     {
       "regex": "dragon",                 # what marks the topic's documents / a steered success
@@ -24,6 +26,7 @@ import json
 from pathlib import Path
 
 from codebook.steering import Steering
+from codebook.userdata import analysis_file, replace_file
 
 TOPICS_NAME = "topics.json"
 
@@ -43,8 +46,10 @@ _STEERING_KEYS = ("codes", "strength", "mode", "positions", "block")
 
 
 def topics_path(model_dir: str | Path) -> Path:
+    """The ``topics.json`` to read for ``model_dir`` (one's own copy first), or ``model_dir``
+    itself when it is a file."""
     path = Path(model_dir)
-    return path / TOPICS_NAME if path.is_dir() else path
+    return analysis_file(path, TOPICS_NAME) if path.is_dir() else path
 
 
 def load_topics(model_dir: str | Path) -> dict:
@@ -67,15 +72,18 @@ def load_topics(model_dir: str | Path) -> dict:
     return topics
 
 
-def save_topics(model_dir: str | Path, topics: dict) -> Path:
-    """Write ``topics`` (validating every preset first) and return the path."""
+def save_topics(target: str | Path, topics: dict) -> Path:
+    """Write ``topics`` (validating every preset first) to ``target``, a ``topics.json`` or a
+    directory to hold one, and return the path."""
     for name, preset in topics.items():
         preset_steering(preset)
         if not isinstance(preset.get("regex"), str):
             raise ValueError(f"topic {name!r} needs a 'regex' string")
-    path = topics_path(model_dir)
-    path.write_text(json.dumps(topics, indent=1) + "\n")
-    return path
+    path = Path(target)
+    if path.is_dir():
+        path = path / TOPICS_NAME
+    text = json.dumps(topics, indent=1) + "\n"
+    return replace_file(path, lambda temporary: temporary.write_text(text))
 
 
 def preset_steering(preset: dict, **overrides) -> Steering:

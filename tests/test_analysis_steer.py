@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +13,13 @@ import torch
 from codebook import CodebookModel, CodeRef, Steering, attach_codebooks
 from codebook.__main__ import main
 from codebook.calibrate import calibrate
-from codebook.index import CodeIndex
+from codebook.hub import DEFAULT_MODEL_DIR
+from codebook.index import INDEX_NAME, CodeIndex, build_index
 from codebook.search import CodeScore
 from codebook.steer_eval import distinct_2, steer_eval
 from codebook.text import encode_document
 from codebook.topics import load_topics, make_preset, plot_presets, preset_steering, save_topics
+from codebook.userdata import analysis_file
 from tests.test_analysis import WORDS, corpus, identity_model, with_tokenizer, word_tokenizer
 from tests.tiny_models import VOCAB, tiny_base
 
@@ -408,3 +412,112 @@ def test_cli_errors_are_one_clear_line(model_dir, data_file, tmp_path, capsys):
                              "--max-new-tokens", 2)
     assert status == 1 and "unicorn" in err
     assert VOCAB == len(WORDS)
+
+
+# -- where analysis files go --------------------------------------------------------------------
+
+COMMIT = "c" * 40
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def linked_hub_cache(cache: Path, repo_id: str, source: Path) -> Path:
+    """``source`` as the main revision of ``repo_id`` in huggingface_hub's cache, laid out as the
+    Hub client leaves it: the snapshot's files are links to content-addressed blobs."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "blobs").mkdir()
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    return snapshot
+
+
+@pytest.fixture()
+def user_data(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "user-data"
+    monkeypatch.setenv("CODEBOOK_DATA_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture()
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, read offline (huggingface_hub reads the variables once, at
+    import, so its constants are patched too)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_analysis_of_a_hub_model_writes_to_the_user_data_dir_not_the_cache(
+        model_dir, data_file, offline_hub, user_data, capsys):
+    # The repo ships presets and a one-story index, as the default model does.
+    save_topics(model_dir, {"kept": make_preset("cat", STEER, {})})
+    build_index(identity_model("dragon"), ["the cat sat"], progress=False).save(
+        model_dir / INDEX_NAME)
+    snapshot = linked_hub_cache(offline_hub, "someone/tiny", model_dir)
+    blobs = digests(offline_hub / "models--someone--tiny" / "blobs")
+    own = user_data / "hub" / "models--someone--tiny" / COMMIT
+
+    status, out, err = run_cli(capsys, "index", "--model", "someone/tiny", "--data", data_file,
+                               "--no-progress")
+    assert status == 0, err
+    assert f"wrote {own / INDEX_NAME}" in out
+    status, out, err = run_cli(capsys, "topics", "--model", "someone/tiny", "--topic", "dragon",
+                               "--statistic", "document", "--max-codes", "1", "--save")
+    assert status == 0, err
+    assert f"to {own / 'topics.json'}" in out
+    # The cache is as the Hub left it: the same blobs, linked from the snapshot.
+    assert digests(offline_hub / "models--someone--tiny" / "blobs") == blobs
+    assert all(path.is_symlink() for path in snapshot.iterdir())
+    # Readers look in the user data directory first: the new index, the presets with the
+    # shipped one kept.
+    assert analysis_file(snapshot, INDEX_NAME) == own / INDEX_NAME
+    status, out, _ = run_cli(capsys, "code", "0:block_out:0:5", "--model", "someone/tiny",
+                             "--json")
+    assert json.loads(out)["indexed_documents"] == 12
+    assert set(load_topics(snapshot)) == {"kept", "dragon"}
+    # Even asked to, nothing is written into the cache.
+    status, _, err = run_cli(capsys, "index", "--model", "someone/tiny", "--data", data_file,
+                             "--output", snapshot, "--no-progress")
+    assert status == 1 and "inside the Hugging Face cache" in err
+    assert digests(offline_hub / "models--someone--tiny" / "blobs") == blobs
+
+
+def test_analysis_of_the_default_model_leaves_the_package_alone(data_file, user_data, tmp_path,
+                                                                  capsys):
+    shipped = digests(DEFAULT_MODEL_DIR)
+    shipped_presets = load_topics(DEFAULT_MODEL_DIR)
+    status, out, err = run_cli(capsys, "index", "--model", "default", "--data", data_file,
+                               "--no-progress")
+    assert status == 0, err
+    [own] = user_data.iterdir()  # the default model's folder, named after its weights
+    assert own.name.startswith("default_model-") and f"wrote {own / INDEX_NAME}" in out
+    status, out, err = run_cli(capsys, "topics", "--model", "default", "--topic", "dragon",
+                               "--max-codes", "1", "--save")
+    assert status == 0, err
+    assert digests(DEFAULT_MODEL_DIR) == shipped
+    presets = load_topics(DEFAULT_MODEL_DIR)  # the user's copy
+    assert set(presets) == set(shipped_presets) and len(presets["dragon"]["codes"]) == 1
+    assert CodeIndex.load(analysis_file(DEFAULT_MODEL_DIR, INDEX_NAME)).num_documents == 12
+    # --output writes where it says (maintainers update the shipped files with
+    # --output codebook/default_model).
+    status, out, err = run_cli(capsys, "topics", "--model", "default", "--topic", "dragon",
+                               "--max-codes", "2", "--save", "--output", tmp_path)
+    assert status == 0, err
+    assert len(load_topics(tmp_path)["dragon"]["codes"]) == 2
+    assert set(load_topics(tmp_path)) == set(shipped_presets)
+    assert digests(DEFAULT_MODEL_DIR) == shipped
