@@ -33,10 +33,18 @@ class CodebookModel(nn.Module):
     The base model's code is untouched: every codebook is a :class:`CodebookLayer` reached by a
     forward hook (or pre-hook) on a real module of the base model. ``forward`` and ``generate``
     are the base model's. Codebook parameters live in ``self.codebooks[str(layer)][site]``.
+
+    A base carries the hooks of one codebook model at a time: attaching to a base that already
+    has codebooks raises; :meth:`detach` removes them.
     """
 
     def __init__(self, base: nn.Module, config: CodebookConfig, tokenizer=None):
         super().__init__()
+        if has_codebooks_attached(base):
+            raise ValueError(
+                "this base model already has codebooks attached (another CodebookModel hooks "
+                "into it, and a second set of hooks would stack on the first): call .detach() "
+                "on that CodebookModel first, or attach to a fresh copy of the base")
         self.base = base
         self.codebook_config = config
         self.tokenizer = tokenizer
@@ -48,14 +56,27 @@ class CodebookModel(nn.Module):
             raise ValueError(f"layers {bad} out of range: the model has {len(blocks)} layers")
         self.codebooks = nn.ModuleDict()
         self._handles = []
-        for i in layers:
-            self.codebooks[str(i)] = nn.ModuleDict(
-                {site: self._attach(blocks[i], site) for site in config.sites}
-            )
+        try:
+            for i in layers:
+                self.codebooks[str(i)] = nn.ModuleDict(
+                    {site: self._attach(blocks[i], site) for site in config.sites}
+                )
+        except BaseException:
+            self.detach()  # the hooks of the sites attached before the failure
+            raise
         self._handles.append(
             base.register_forward_pre_hook(self._track_positions, with_kwargs=True)
         )
         self._prompt_length: int | None = None
+
+    def detach(self) -> nn.Module:
+        """Remove every hook this model put on the base and return the base, which then runs
+        exactly as it did before codebooks were attached (and can take new ones). This model
+        then runs the bare base too; its codebooks are kept. Calling it again does nothing."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.base
 
     # -- construction -----------------------------------------------------------------------
 
@@ -279,9 +300,19 @@ class CodebookModel(nn.Module):
         return str(info)
 
 
+def has_codebooks_attached(base: nn.Module) -> bool:
+    """Whether a :class:`CodebookModel` has hooks on ``base`` (and has not been detached)."""
+    for module in base.modules():
+        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+            if isinstance(getattr(hook, "__self__", None), CodebookLayer | CodebookModel):
+                return True
+    return False
+
+
 def attach_codebooks(base: nn.Module, config: CodebookConfig | None = None, tokenizer=None,
                      **options) -> CodebookModel:
-    """Wrap a Hugging Face causal LM with codebooks (``options`` are CodebookConfig fields)."""
+    """Wrap a Hugging Face causal LM with codebooks (``options`` are CodebookConfig fields).
+    A base takes one set of codebooks at a time (see :meth:`CodebookModel.detach`)."""
     if config is None:
         config = CodebookConfig(**options)
     elif options:

@@ -207,3 +207,49 @@ def test_copy_keeps_hooks_independent():
     with torch.no_grad():
         twin.set_codebooks_enabled(False)
         assert not torch.equal(model(ids).logits, twin(ids).logits)
+
+
+def base_hook_count(base) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_second_attach_is_refused_and_detach_gives_back_the_bare_base(family):
+    reference, base = tiny_base(family), tiny_base(family)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    model = attach_codebooks(base, sites=ALL_SITES, num_codes=24, k=3)
+    hooks = base_hook_count(base)
+    with pytest.raises(ValueError, match=r"already has codebooks attached.*detach\(\)"):
+        attach_codebooks(base, sites=["mlp_out"], num_codes=8, k=2)
+    with pytest.raises(ValueError, match="already has codebooks attached"):
+        CodebookModel(base, CodebookConfig(sites=["block_out"], num_codes=8, k=2))
+    assert base_hook_count(base) == hooks, "a refused attach leaves no hook behind"
+    with torch.no_grad():
+        expected = reference(ids).logits
+        with model.codebooks_disabled():
+            assert torch.equal(model(ids).logits, expected)
+        assert model.detach() is base
+        assert base_hook_count(base) == 0
+        assert torch.equal(base(ids).logits, expected)
+        assert torch.equal(model(ids).logits, expected), "a detached model runs the bare base"
+        model.detach()  # twice is harmless
+        again = attach_codebooks(base, sites=["mlp_out"], num_codes=8, k=2)
+        with again.codebooks_disabled():
+            assert torch.equal(again(ids).logits, expected)
+
+
+def test_a_failed_attach_leaves_no_hook_behind():
+    base = tiny_base("gpt2")
+    config = CodebookConfig(sites=["mlp_out", "attn_heads"], num_codes=8, k=2)
+    base.config.n_head = 5  # 32 is not divisible by 5: the second site fails
+    with pytest.raises(ValueError, match="not divisible by 5 heads"):
+        CodebookModel(base, config)
+    assert base_hook_count(base) == 0
+
+
+def test_detaching_a_copy_leaves_the_original_attached():
+    model = tiny_model("llama", sites=["mlp_out"])
+    twin = copy.deepcopy(model)
+    hooks = base_hook_count(model.base)
+    twin.detach()
+    assert base_hook_count(twin.base) == 0 and base_hook_count(model.base) == hooks > 0
