@@ -6,9 +6,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from codebook.ops import COMBINES, SIMILARITIES
+from codebook.ops import COMBINES, DEFAULT_COMBINE, DEFAULT_SIMILARITY, SIMILARITIES
 
 CONFIG_NAME = "codebook_config.json"
+
+# Codes per codebook (C) and codes active at once (k), unless a config says otherwise; the
+# training recipe's defaults too.
+DEFAULT_NUM_CODES = 1024
+DEFAULT_K = 8
 
 # Where a codebook can sit in a transformer block.
 #   attn_heads: each attention head's output, just before the attention output projection
@@ -34,10 +39,10 @@ class CodebookConfig:
 
     sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads"])
     layers: list[int] | None = None
-    num_codes: int = 1024
-    k: int = 8
-    similarity: str = "cosine"
-    combine: str = "sum"
+    num_codes: int = DEFAULT_NUM_CODES
+    k: int = DEFAULT_K
+    similarity: str = DEFAULT_SIMILARITY
+    combine: str = DEFAULT_COMBINE
     layer_norm: bool = False
     reconstruction_weight: float = 1.0
     chunk_size: int = 0

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codebook.ops import topk_codebook
+from codebook.ops import DEFAULT_COMBINE, DEFAULT_SIMILARITY, topk_codebook
 
 POSITIONS = ("all", "prompt", "generated")
 
@@ -40,8 +40,8 @@ class CodebookLayer(nn.Module):
         dim: int,
         num_codes: int,
         k: int,
-        similarity: str = "cosine",
-        combine: str = "sum",
+        similarity: str = DEFAULT_SIMILARITY,
+        combine: str = DEFAULT_COMBINE,
         layer_norm: bool = False,
         reconstruction_weight: float = 1.0,
         chunk_size: int = 0,

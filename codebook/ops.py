@@ -49,6 +49,18 @@ from torch import Tensor
 SIMILARITIES = ("cosine", "inner_product", "euclidean")
 COMBINES = ("mean", "sum")
 
+# The defaults of every codebook: this op's Python API, CodebookLayer, CodebookConfig and the
+# training recipe all use these. Sum, as the paper writes the method (its library used mean).
+DEFAULT_SIMILARITY = "cosine"
+DEFAULT_COMBINE = "sum"
+
+# The registered schema's defaults are a different thing, frozen: a serialized graph (TorchScript,
+# torch.export) leaves out every argument equal to its schema default, so graphs saved with
+# combine="mean" rely on "mean" staying the schema's default. Every call made through
+# topk_codebook() passes both arguments explicitly.
+_SCHEMA_SIMILARITY = "cosine"
+_SCHEMA_COMBINE = "mean"
+
 # Score-matrix elements (``chunk_tokens * g * C``) computed at once. On CPU, 2**22 float32 scores
 # (16 MiB) stay in the last-level cache between the matrix multiply that writes them and the top-k
 # that reads them: at 4096 tokens x 8 groups x 512 codes the multiply ran 6x slower into one 64 MiB
@@ -230,8 +242,8 @@ def topk_codebook(
     k: int,
     bias: Tensor | None = None,
     scale: Tensor | None = None,
-    similarity: str = "cosine",
-    combine: str = "mean",
+    similarity: str = DEFAULT_SIMILARITY,
+    combine: str = DEFAULT_COMBINE,
     reconstruction_weight: float = 1.0,
     chunk_size: int = 0,
 ) -> tuple[Tensor, Tensor]:
@@ -249,8 +261,8 @@ def topk_codebook(
 
 
 # Defaults as in the schema: the dispatcher leaves out trailing arguments that have them.
-def _forward(x, codebook, k, bias=None, scale=None, similarity="cosine", combine="mean",
-             reconstruction_weight=1.0, chunk_size=0):
+def _forward(x, codebook, k, bias=None, scale=None, similarity=_SCHEMA_SIMILARITY,
+             combine=_SCHEMA_COMBINE, reconstruction_weight=1.0, chunk_size=0):
     _check_args(x, codebook, k, bias, scale, similarity, combine)
     groups, num_codes, dim = codebook.shape
     flat = x.reshape(-1, groups, dim)
@@ -288,8 +300,8 @@ def _forward(x, codebook, k, bias=None, scale=None, similarity="cosine", combine
     return out.reshape(x.shape), indices.reshape(*x.shape[:-1], k)
 
 
-def _fake(x, codebook, k, bias=None, scale=None, similarity="cosine", combine="mean",
-          reconstruction_weight=1.0, chunk_size=0):
+def _fake(x, codebook, k, bias=None, scale=None, similarity=_SCHEMA_SIMILARITY,
+          combine=_SCHEMA_COMBINE, reconstruction_weight=1.0, chunk_size=0):
     torch._check(k >= 1)
     out = torch.empty_like(x)
     indices = x.new_empty((*x.shape[:-1], k), dtype=torch.long)
@@ -366,8 +378,8 @@ def _selected_is_valid(indices: Tensor, bias: Tensor | None) -> Tensor:
 _LIBRARY = torch.library.Library("codebook", "FRAGMENT")
 _LIBRARY.define(
     "topk_codebook(Tensor x, Tensor codebook, SymInt k, Tensor? bias=None, Tensor? scale=None, "
-    'str similarity="cosine", str combine="mean", float reconstruction_weight=1., '
-    "SymInt chunk_size=0) -> (Tensor, Tensor)",
+    f'str similarity="{_SCHEMA_SIMILARITY}", str combine="{_SCHEMA_COMBINE}", '
+    "float reconstruction_weight=1., SymInt chunk_size=0) -> (Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 torch.library.impl("codebook::topk_codebook", "default", _forward, lib=_LIBRARY)

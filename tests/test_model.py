@@ -253,3 +253,21 @@ def test_detaching_a_copy_leaves_the_original_attached():
     hooks = base_hook_count(model.base)
     twin.detach()
     assert base_hook_count(twin.base) == 0 and base_hook_count(model.base) == hooks > 0
+
+
+def test_the_op_the_layer_the_config_and_training_share_one_default_each():
+    import inspect
+
+    from codebook.layer import CodebookLayer
+    from codebook.ops import topk_codebook
+    from training.config import FinetuneConfig
+
+    op = inspect.signature(topk_codebook).parameters
+    layer = inspect.signature(CodebookLayer).parameters
+    config = CodebookConfig()
+    training = FinetuneConfig(base="base", data=["text.txt"], output="out")
+    for name in ("similarity", "combine"):
+        assert op[name].default == layer[name].default == getattr(config, name) == getattr(
+            training, name), name
+    assert config.combine == "sum"  # as the paper writes it
+    assert (training.num_codes, training.k) == (config.num_codes, config.k)

@@ -25,7 +25,8 @@ def naive_scores(x, codebook, similarity):
     return -((x.unsqueeze(-2) - codebook) ** 2).sum(-1)
 
 
-def naive_topk(x, codebook, k, bias=None, scale=None, similarity="cosine", combine="mean"):
+def naive_topk(x, codebook, k, bias=None, scale=None, similarity=ops.DEFAULT_SIMILARITY,
+               combine=ops.DEFAULT_COMBINE):
     """Straightforward reference: full score matrix, top-k, gather, combine (differentiable
     w.r.t. the codebook through the gather)."""
     scores = naive_scores(x, codebook, similarity)
@@ -281,3 +282,18 @@ def test_concurrent_calls_during_an_export_leave_torch_state_alone(monkeypatch):
     assert errors == []
     assert writes == [], "eager calls must not write torch's process-wide FX metadata"
     assert dict(fx_traceback.current_meta) == {}
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:DeprecationWarning")
+def test_a_serialized_graph_keeps_the_combine_it_was_traced_with(tmp_path):
+    # Serialized graphs leave out arguments equal to the op schema's defaults, so those defaults
+    # are frozen: a graph traced with combine="mean" must still compute the mean when loaded.
+    gen = torch.Generator().manual_seed(6)
+    x, codebook = torch.randn(5, 2, 4, generator=gen), torch.randn(2, 9, 4, generator=gen)
+    for combine in ops.COMBINES:
+        traced = torch.jit.trace(lambda x, cb, c=combine: topk_codebook(x, cb, 3, combine=c)[0],
+                                 (x, codebook))
+        traced.save(str(tmp_path / "graph.pt"))
+        loaded = torch.jit.load(str(tmp_path / "graph.pt"))
+        expected, _ = topk_codebook(x, codebook, 3, combine=combine)
+        torch.testing.assert_close(loaded(x, codebook), expected, rtol=0, atol=0)

@@ -12,7 +12,8 @@ import shlex
 from pathlib import Path
 
 from codebook import SITES, CodebookConfig
-from codebook.ops import COMBINES, SIMILARITIES
+from codebook.configuration import DEFAULT_K, DEFAULT_NUM_CODES
+from codebook.ops import COMBINES, DEFAULT_COMBINE, DEFAULT_SIMILARITY, SIMILARITIES
 from codebook.text import FORMATS
 
 CONFIG_NAME = "training_config.json"
@@ -53,10 +54,10 @@ class FinetuneConfig:
     sites: list[str] = option(lambda: ["attn_heads"], f"codebook sites: {', '.join(SITES)}",
                               factory=True)
     layers: list[int] | None = option(None, "layers with codebooks (default: all)")
-    num_codes: int = option(256, "codes per codebook")
-    k: int = option(8, "codes active at once per codebook")
-    similarity: str = option("cosine", f"code similarity: {', '.join(SIMILARITIES)}")
-    combine: str = option("sum", f"how the k codes combine: {', '.join(COMBINES)}")
+    num_codes: int = option(DEFAULT_NUM_CODES, "codes per codebook")
+    k: int = option(DEFAULT_K, "codes active at once per codebook")
+    similarity: str = option(DEFAULT_SIMILARITY, f"code similarity: {', '.join(SIMILARITIES)}")
+    combine: str = option(DEFAULT_COMBINE, f"how the k codes combine: {', '.join(COMBINES)}")
     layer_norm: bool = option(False, "LayerNorm each codebook's input")
     reconstruction_weight: float = option(1.0, "lambda of the term pulling codes to inputs")
     kmeans_init: bool = option(True, "initialise codes by k-means of the base's activations")
