@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -132,3 +133,17 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert lr_factor(20, 4, 20, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_factor(12, 4, 20, "linear", 0.0) == pytest.approx(0.5)
     assert lr_factor(15, 4, 20, "constant", 0.1) == 1.0
+
+
+def test_a_run_without_matplotlib_finishes_with_a_note_instead_of_plots(material, tmp_path,
+                                                                         monkeypatch, capsys):
+    # matplotlib comes with the app extra only: training must not need it.
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` raises ImportError
+    out = finetune(tiny_config(material, tmp_path / "run", max_steps=2, eval_every=0))
+    assert not (out / "loss.png").exists() and not (out / "code_usage.png").exists()
+    notes = [line for line in capsys.readouterr().err.splitlines() if "matplotlib" in line]
+    assert len(notes) == 1 and "no plots" in notes[0]
+    card = (out / "README.md").read_text()
+    assert "loss.png" not in card and "code_usage.png" not in card
+    assert CodebookModel.from_pretrained(out).codebook_layers()

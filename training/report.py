@@ -1,4 +1,8 @@
-"""What a run leaves for people: metrics (JSONL), plots (PNG) and the model card (README.md)."""
+"""What a run leaves for people: metrics (JSONL), plots (PNG) and the model card (README.md).
+
+The plots need matplotlib, which only the ``app`` extra installs: without it a run finishes
+without them (the plot functions return ``False``, and the card lists only the plots present).
+"""
 
 from __future__ import annotations
 
@@ -38,18 +42,28 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+NO_MATPLOTLIB_NOTE = ("note: matplotlib is not installed, so the run has no plots ({plots}); "
+                      "pip install matplotlib to draw them")
+
+
 def _pyplot():
-    import matplotlib
+    """matplotlib.pyplot (non-interactive), or ``None`` when matplotlib is not installed."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
     return plt
 
 
-def plot_losses(records: list[dict], path: Path) -> None:
-    """Training and validation loss; reconstruction MSE per site when there are codebooks."""
+def plot_losses(records: list[dict], path: Path) -> bool:
+    """Training and validation loss; reconstruction MSE per site when there are codebooks.
+    Returns whether the plot was drawn (``False``: no matplotlib)."""
     plt = _pyplot()
+    if plt is None:
+        return False
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     sites = sorted({name for r in train for name in r.get("reconstruction_mse", {})})
@@ -74,11 +88,15 @@ def plot_losses(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
-def plot_code_usage(counts: dict[str, torch.Tensor], path: Path) -> None:
-    """Per site, a histogram over all its codes of how often each was chosen in training."""
+def plot_code_usage(counts: dict[str, torch.Tensor], path: Path) -> bool:
+    """Per site, a histogram over all its codes of how often each was chosen in training.
+    Returns whether the plot was drawn (``False``: no matplotlib)."""
     plt = _pyplot()
+    if plt is None:
+        return False
     cols = min(len(counts), 4)
     rows = math.ceil(len(counts) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
@@ -95,6 +113,7 @@ def plot_code_usage(counts: dict[str, torch.Tensor], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def _duration(seconds: float) -> str:
@@ -112,11 +131,14 @@ def write_model_card(directory: Path, notes_file: str | None = None) -> None:
     summary = json.loads((directory / SUMMARY_FILE).read_text())
     evaluation = json.loads((directory / EVAL_FILE).read_text())
     notes = Path(notes_file).read_text() if notes_file else ""
-    (directory / CARD_FILE).write_text(model_card(config, summary, evaluation, notes))
+    plots = [name for name in (LOSS_PLOT, USAGE_PLOT) if (directory / name).is_file()]
+    (directory / CARD_FILE).write_text(model_card(config, summary, evaluation, notes, plots))
 
 
-def model_card(config: FinetuneConfig, summary: dict, evaluation: dict, notes: str = "") -> str:
-    """The README.md of a trained model: base, data, recipe, metrics, how to reproduce."""
+def model_card(config: FinetuneConfig, summary: dict, evaluation: dict, notes: str = "",
+               plots: list[str] | None = None) -> str:
+    """The README.md of a trained model: base, data, recipe, metrics, how to reproduce.
+    ``plots``: the plot files to list (default: the loss plot, and code usage with codebooks)."""
     has_codebooks = "sites" in evaluation
     tags = ["codebook-features", "interpretability"] + (["tinystories"] if any(
         "tinystories" in d.lower() for d in config.data) else [])
@@ -176,8 +198,10 @@ def model_card(config: FinetuneConfig, summary: dict, evaluation: dict, notes: s
               "= summed loss in bits / UTF-8 bytes of the documents.", ""]
     if notes:
         lines += [notes.strip(), ""]
-    lines += ["## Files", "",
-              f"`{METRICS_FILE}` (training log), `{EVAL_FILE}` (the evaluation above), "
-              f"`{LOSS_PLOT}`" + (f", `{USAGE_PLOT}`" if has_codebooks else "")
-              + f", `training_config.json` (the recipe), `{SUMMARY_FILE}`.", ""]
+    if plots is None:
+        plots = [LOSS_PLOT, USAGE_PLOT] if has_codebooks else [LOSS_PLOT]
+    files = [f"`{METRICS_FILE}` (training log)", f"`{EVAL_FILE}` (the evaluation above)",
+             *(f"`{name}`" for name in plots), "`training_config.json` (the recipe)",
+             f"`{SUMMARY_FILE}`"]
+    lines += ["## Files", "", ", ".join(files) + ".", ""]
     return "\n".join(front + lines)

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -437,11 +438,15 @@ def _finish(config, model, tokenizer, prepared, output: Path, log, command, amp_
     (output / report.EVAL_FILE).write_text(json.dumps(evaluation, indent=2) + "\n")
     log.write({"step": summary["steps"], "final": {k: evaluation[k] for k in (
         "loss", "bits_per_byte", "accuracy")}})
-    report.plot_losses(log.records(), output / report.LOSS_PLOT)
+    plots = [report.LOSS_PLOT]
+    drawn = report.plot_losses(log.records(), output / report.LOSS_PLOT)
     if isinstance(model, CodebookModel):
         counts = {site_name(k): layer.code_counts.cpu()
                   for k, layer in model.codebook_layers().items()}
-        report.plot_code_usage(counts, output / report.USAGE_PLOT)
+        plots.append(report.USAGE_PLOT)
+        drawn = report.plot_code_usage(counts, output / report.USAGE_PLOT) and drawn
+    if not drawn:
+        print(report.NO_MATPLOTLIB_NOTE.format(plots=", ".join(plots)), file=sys.stderr)
     summary["command"] = command or config.command_line()
     (output / report.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     report.write_model_card(output, config.card_notes)
