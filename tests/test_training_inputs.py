@@ -182,3 +182,32 @@ def test_the_recorded_command_line_parses_back_to_the_same_recipe(tmp_path):
     resumed = finetune_config(args)
     assert resumed.recipe_differences(config) == [] and (resumed.resume, resumed.threads) == (
         True, 3)
+
+
+def test_runs_of_one_preset_with_different_outputs_keep_their_own_checkpoints(tmp_path,
+                                                                              monkeypatch):
+    from pathlib import Path
+
+    import training.__main__ as cli
+    from training import checkpoint
+    from training.presets import PRESETS
+    from training.trainer import _check_output
+
+    monkeypatch.chdir(tmp_path)  # relative paths resolve where the command runs
+    monkeypatch.setattr(cli, "preset", lambda name: dict(PRESETS[name]))  # needs no ../shared
+
+    def config_for(*options):
+        args = cli.build_parser().parse_args(["finetune", "--preset", "default", *options])
+        return cli.finetune_config(args)
+
+    first = config_for("--output", "run-a")
+    assert first.checkpoint_path == Path("run-a") / "checkpoints"
+    saved = first.checkpoint_path / "step-00000100"  # what the first run left behind
+    saved.mkdir(parents=True)
+    (saved / checkpoint.STATE_FILE).write_text("{}")
+    (first.checkpoint_path / checkpoint.LATEST).write_text(saved.name + "\n")
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        _check_output(config_for("--output", "run-a"))
+    assert _check_output(config_for("--output", "run-b")) is None  # a fresh run of its own
+    assert config_for("--output", "run-c", "--checkpoint-dir", "elsewhere").checkpoint_path == (
+        Path("elsewhere"))

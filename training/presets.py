@@ -18,8 +18,9 @@ PRESETS: dict[str, dict] = {
         "base": f"llama2c:{SHARED}/models/stories260K/stories260K.bin",
         "data": [f"{TINYSTORIES}/tinystories_v1_train_prefix_2MiB.txt",
                  f"{TINYSTORIES}/tinystories_v2_train_prefix_10k_lines.txt"],
+        # Checkpoints go under the run's output (OUTPUT/checkpoints, git-ignored here), so a run
+        # with another --output never meets this one's checkpoints.
         "output": "codebook/default_model",
-        "checkpoint_dir": "runs/default-checkpoints",
         "card_notes": "training/default_model_notes.md",
         "val_fraction": 0.05,
         "block_size": 256,
