@@ -19,6 +19,7 @@ from training.trainer import finetune
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_processes_compute_what_one_process_with_accumulation_computes(tmp_path):
     material = make_material(tmp_path / "material")
     # Revival is off: it re-seeds codes from process 0's own recent inputs, which a single

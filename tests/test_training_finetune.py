@@ -32,6 +32,7 @@ def tiny_config(material, output, **overrides) -> FinetuneConfig:
     return FinetuneConfig(**(options | overrides))
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end_writes_a_loadable_model_card_metrics_and_plots(material, tmp_path):
     out = finetune(tiny_config(material, tmp_path / "run", max_steps=30))
     model = CodebookModel.from_pretrained(out)
