@@ -41,3 +41,11 @@ def pytest_collection_modifyitems(config, items):
         if (module in SLOW_MODULES or name in SLOW_TESTS.get(module, ())
                 or SLOW_FIXTURES.get(module, set()) & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only ``../shared`` folder beside the checkout; skips the test when it is absent."""
+    if not (SHARED_DIR / "README.md").is_file():
+        pytest.skip(f"needs ../shared (looked in {SHARED_DIR}), which a fresh clone does not have")
+    return SHARED_DIR
