@@ -40,6 +40,7 @@ TOPIC_LAST_LAYERS = "1"  # codes of the last codebook layer only ("all": every l
 
 def add_analysis_parsers(subparsers) -> None:
     _add_index(subparsers)
+    _add_word_topics(subparsers)
     _add_code(subparsers)
     _add_search(subparsers)
     _add_topics(subparsers)
@@ -154,13 +155,24 @@ def _print(args, result: dict, text: str) -> None:
 
 
 def _topic_results(args, model, directory, patterns: dict[str, str]) -> dict:
-    """Topic search for ``patterns`` (name → regex) over ``--data`` if given, else over the
+    """Topic search for ``patterns`` (name → regex) over ``--data`` if given, else from the
+    model's word statistics (context precision; ``word_topics.safetensors``), else over the
     model's index."""
     from codebook.index import Layout, corpus_documents
     from codebook.search import topic_search
     from codebook.text import read_documents, token_surfaces
+    from codebook.userdata import analysis_file
+    from codebook.word_topics import WORD_TOPICS_NAME, WordTopics
 
     layout = Layout.of_model(model)
+    # Enough ranked codes for the selection to skip codes of heads that are already full.
+    top = max(getattr(args, "top", 0), 10 * getattr(args, "max_codes", 0), 500)
+    word_topics = analysis_file(directory, WORD_TOPICS_NAME)
+    if (not args.data and not getattr(args, "index", None) and args.statistic == "context"
+            and word_topics.is_file()):
+        stats = WordTopics.load(word_topics)
+        stats.layout.check_model(model, "the word topic statistics")
+        return {name: stats.result(pattern, top) for name, pattern in patterns.items()}
     if args.data:
         documents = corpus_documents(model, read_documents(args.data, args.format),
                                      args.batch_size, args.max_length, args.progress)
@@ -168,8 +180,6 @@ def _topic_results(args, model, directory, patterns: dict[str, str]) -> dict:
         index = _index_of(args, directory)
         index.layout.check_model(model)
         documents = index.documents()
-    # Enough ranked codes for the selection to skip codes of heads that are already full.
-    top = max(getattr(args, "top", 0), 10 * getattr(args, "max_codes", 0), 500)
     return topic_search(documents, layout, token_surfaces(model.tokenizer), patterns,
                         args.statistic, top=top)
 
@@ -270,6 +280,40 @@ def _run_index(args) -> None:
           f"{index.num_tokens} tokens, {len(index.layout.sites)} sites"
           + (f", {index.meta['truncated_documents']} documents cut to "
              f"{index.meta['max_length']} tokens" if index.meta["truncated_documents"] else ""))
+
+
+def _add_word_topics(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "word-topics", help="per-word topic statistics, for topic search without --data",
+        description="Run a codebook model over documents (its training text) and keep, for "
+        "every word of at least --min-documents of them, its --top codes by context precision "
+        "(codebook/word_topics.py). Topic search then needs no --data for those words. Written "
+        "beside the model (a Hub or the default model: your data directory) unless --output "
+        "says otherwise.")
+    _common(parser, json_output=False)
+    _data_options(parser, required=True, what="the model's training text")
+    _output_option(parser, "the statistics file")
+    parser.add_argument("--min-documents", type=int, default=20,
+                        help="keep words found in at least this many documents")
+    parser.add_argument("--top", type=int, default=128, help="codes kept per word")
+    parser.set_defaults(func=_run_word_topics)
+
+
+def _run_word_topics(args) -> None:
+    from codebook.text import read_documents
+    from codebook.word_topics import WORD_TOPICS_NAME, WordTopics
+
+    model, directory = _load(args)
+    output = _output(args, directory, WORD_TOPICS_NAME)
+    documents = read_documents(args.data, args.format)
+    stats = WordTopics.build(model, documents, args.min_documents, args.top,
+                             batch_size=args.batch_size, max_length=args.max_length,
+                             progress=args.progress,
+                             meta={"model": str(args.model),
+                                   "sources": [str(p) for p in args.data]})
+    path = stats.save(output)
+    print(f"wrote {path.name} ({path.stat().st_size / 2**20:.2f} MiB): {len(stats.words):,} "
+          f"words of at least {args.min_documents} of {stats.num_documents:,} documents")
 
 
 # -- code -------------------------------------------------------------------------------------
@@ -565,7 +609,8 @@ def _add_presets(subparsers) -> None:
     parser.add_argument("--topic", nargs="+", metavar="TOPIC",
                         help="topics (default: the paper's seven); the regex is the preset's, "
                         "the paper's or the word")
-    _data_options(parser, required=True, what="text files for topic search")
+    _data_options(parser, required=False, what="text files for topic search (default: the "
+                  "model's word topic statistics, else its index)")
     _search_options(parser)
     # Defaults (None) are codebook/calibrate.py's; importing it here would slow --help.
     parser.add_argument("--num-codes", type=int, nargs="+",
@@ -647,7 +692,7 @@ def _run_presets(args) -> None:
                                 progress=args.progress)
         chosen = set(steering.codes)
         search = {**found.to_dict(), "codes": [c.to_dict() for c in found.codes if c.ref in chosen],
-                  "corpus": [str(p) for p in args.data]}
+                  "corpus": [str(p) for p in args.data or []]}
         stats = {"search": search, "calibration": calibration.to_dict(),
                  "steer_eval": {k: v for k, v in evaluation.items() if k != "steering"}}
         results[topic] = make_preset(patterns[topic], steering, stats)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training finetune | evaluate | steerability | widen-vocab ...``.
+"""Command line: ``python -m training finetune | pretrain | synthesize | evaluate | ...``.
 
 Multi-process (DDP) finetuning runs under torchrun, e.g.
 ``torchrun --nproc_per_node 4 -m training finetune --base gpt2 --data stories.txt --output out``.
@@ -14,16 +14,20 @@ import sys
 import typing
 from pathlib import Path
 
+from training import build
 from training.config import CONFIG_NAME, FinetuneConfig
 from training.presets import PRESETS, preset
+from training.pretrain import CODEBOOK_FIELDS, FAMILIES, Architecture
 from training.steerability import TOPICS
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per FinetuneConfig field; unset options stay absent from the namespace, so
-    that presets and saved recipes can supply them."""
+def _add_config_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One option per FinetuneConfig field (but ``exclude``); unset options stay absent from the
+    namespace, so that presets and saved recipes can supply them."""
     hints = typing.get_type_hints(FinetuneConfig)
     for field in dataclasses.fields(FinetuneConfig):
+        if field.name in exclude:
+            continue
         hint = hints[field.name]
         args = typing.get_args(hint)
         flag = "--" + field.name.replace("_", "-")
@@ -50,6 +54,43 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--preset", choices=sorted(PRESETS),
                           help="a named recipe (default: the embedded default model)")
     _add_config_options(finetune)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="train a base model from scratch (no codebooks)",
+        description="Train a freshly initialised base of a standard Hugging Face family on "
+                    "--data with the finetuning trainer (see training/pretrain.py). The "
+                    "tokenizer is --tokenizer or a byte-level BPE of --vocab-size pieces learned "
+                    "on the training documents.")
+    architecture = pretrain.add_argument_group("architecture")
+    architecture.add_argument("--family", default="llama", choices=FAMILIES)
+    architecture.add_argument("--num-layers", type=int, default=1)
+    architecture.add_argument("--hidden-size", type=int, default=256)
+    architecture.add_argument("--num-heads", type=int, default=8)
+    architecture.add_argument("--intermediate-size", type=int,
+                              help="MLP width (default: 3x hidden for llama, else 4x)")
+    architecture.add_argument("--vocab-size", type=int, default=4096,
+                              help="pieces of the tokenizer learned when --tokenizer is absent")
+    architecture.add_argument("--tokenizer", help="a model directory or Hub id whose tokenizer "
+                                                  "to use")
+    _add_config_options(pretrain, exclude=("base", "codebooks", "reinit_base") + CODEBOOK_FIELDS)
+
+    synthesize = commands.add_parser(
+        "synthesize", help="sample TinyStories-style text from a teacher model",
+        description="Sample stories from --teacher (batched, KV cache, seeded per batch) and "
+                    "append the unique finished ones to --out until it holds --stories; "
+                    "running again resumes (see training/synthesize.py).")
+    synthesize.add_argument("--teacher", required=True,
+                            help="llama2c:PATH.bin, a model directory or a Hub id")
+    synthesize.add_argument("--stories", type=int, required=True, help="unique stories wanted")
+    synthesize.add_argument("--seed", type=int, default=0)
+    synthesize.add_argument("--out", required=True, help="text file (<|endoftext|> separated)")
+    synthesize.add_argument("--batch-size", type=int, default=128)
+    synthesize.add_argument("--max-new-tokens", type=int, default=480)
+    synthesize.add_argument("--temperature", type=float, default=1.0)
+    synthesize.add_argument("--top-p", type=float, default=0.95)
+    synthesize.add_argument("--threads", type=int, help="CPU threads")
+
+    build.add_parser(commands)
 
     evaluate = commands.add_parser(
         "evaluate", help="evaluate a model on a text file",
@@ -120,6 +161,50 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(**options)
 
 
+ARCHITECTURE_OPTIONS = ("family", "num_layers", "hidden_size", "num_heads", "intermediate_size",
+                        "vocab_size")
+
+
+def run_pretrain(args: argparse.Namespace, argv: list[str]) -> None:
+    from training.pretrain import initial_path, write_initial_base
+    from training.trainer import finetune
+
+    architecture = Architecture(**{k: getattr(args, k) for k in ARCHITECTURE_OPTIONS})
+    options = {k: v for k, v in vars(args).items()
+               if k not in (*ARCHITECTURE_OPTIONS, "command", "tokenizer")}
+    if options.get("resume") and "output" in options:
+        saved = Path(options["output"]) / CONFIG_NAME
+        if saved.is_file():
+            options = json.loads(saved.read_text()) | options
+    # The base is the run's own initial model; validation of the rest happens in the config.
+    output, checkpoints = options.get("output"), options.get("checkpoint_dir")
+    if not output:
+        raise ValueError("pretrain needs --output")
+    options["base"] = str(Path(checkpoints or Path(output) / "checkpoints") / "initial")
+    options["codebooks"] = False
+    config = FinetuneConfig(**options)
+    architecture.validate()
+    if not config.resume or not initial_path(config).is_dir():
+        write_initial_base(config, architecture, args.tokenizer)
+    finetune(config, command=shlex.join(["python", "-m", "training", *argv]))
+
+
+def run_synthesize(args: argparse.Namespace) -> None:
+    import torch
+
+    from training.models import load_base
+    from training.synthesize import synthesize
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_base(args.teacher)
+    summary = synthesize(model, tokenizer, args.stories, args.out, args.seed, args.batch_size,
+                         args.max_new_tokens, args.temperature, args.top_p)
+    print(f"{args.out}: {summary['stories']:,} stories, {summary['words']:,} words "
+          f"({summary['duplicates']} duplicates and {summary['unfinished']} unfinished samples "
+          f"dropped; {summary['batches']} batches in {summary['seconds']:.0f} s)")
+
+
 def run_evaluate(args: argparse.Namespace) -> None:
     import torch
 
@@ -186,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
 
             config = finetune_config(args)
             finetune(config, command=shlex.join(["python", "-m", "training", *argv]))
+        elif args.command == "pretrain":
+            run_pretrain(args, argv)
+        elif args.command == "synthesize":
+            run_synthesize(args)
+        elif args.command == "build-default":
+            build.run(args)
         elif args.command == "evaluate":
             run_evaluate(args)
         elif args.command == "widen-vocab":

@@ -1,0 +1,69 @@
+"""Topic search without a corpus: per-word statistics equal a full topic search."""
+
+from __future__ import annotations
+
+import pytest
+
+from codebook import CodeRef
+from codebook.index import Layout, corpus_documents
+from codebook.search import topic_search
+from codebook.text import token_surfaces
+from codebook.word_topics import WordTopics
+from tests.test_analysis import context_corpus, corpus, identity_model, one_thread  # noqa: F401
+
+
+def full_search(model, docs, pattern):
+    documents = corpus_documents(model, docs, progress=False)
+    return topic_search(documents, Layout.of_model(model), token_surfaces(model.tokenizer),
+                        {"t": pattern}, "context", top=50)["t"]
+
+
+def ranked(result, n):
+    return [(c.ref, c.hits, c.count, round(c.precision, 12)) for c in result.codes[:n]]
+
+
+@pytest.mark.parametrize("word", ["dragon", "cave", "cat"])
+def test_word_statistics_rank_codes_exactly_as_a_search_over_the_corpus(tmp_path, word):
+    model = identity_model("cave")
+    docs = context_corpus() + corpus(12, topic_every=3)
+    stats = WordTopics.build(model, docs, min_documents=2, top=40, progress=False)
+    stats = WordTopics.load(stats.save(tmp_path / "word_topics.safetensors"))
+    mine = stats.result(f"^{word}$", top=10)
+    reference = full_search(model, docs, rf"\b{word}\b")
+    assert (mine.topic_documents, mine.context_tokens, mine.documents) == (
+        reference.topic_documents, reference.context_tokens, reference.documents)
+    assert mine.chance == pytest.approx(reference.chance)
+    assert ranked(mine, 10) == ranked(reference, 10)
+
+
+def test_the_planted_context_code_leads_for_its_topic():
+    model = identity_model("cave")
+    stats = WordTopics.build(model, context_corpus(), min_documents=2, progress=False)
+    assert stats.result("dragon").codes[0].score == max(
+        c.score for c in stats.result("dragon").codes)
+    assert CodeRef(0, "block_out", 0, 5) in [c.ref for c in stats.result("dragon").codes[:3]]
+
+
+def test_a_regex_over_several_words_adds_their_statistics():
+    model = identity_model("cave")
+    docs = context_corpus() + corpus(12, topic_every=3)
+    stats = WordTopics.build(model, docs, min_documents=2, progress=False)
+    assert stats.matching_words(r"\b(?:cat|dog)") == ["cat", "dog"]
+    both = stats.result(r"\b(?:cat|dog)")
+    cat, dog = stats.result("^cat$"), stats.result("^dog$")
+    assert both.context_tokens == cat.context_tokens + dog.context_tokens
+    assert both.topic_documents == cat.topic_documents + dog.topic_documents
+
+
+def test_rare_or_unknown_words_are_refused_with_the_reason(tmp_path):
+    model = identity_model("cave")
+    docs = context_corpus()
+    stats = WordTopics.build(model, docs, min_documents=5, progress=False)
+    assert "dragon" not in stats.words  # in 4 documents only
+    with pytest.raises(ValueError, match=r"no word of at least 5 .* matches 'dragon'.*--data"):
+        stats.result("dragon")
+    with pytest.raises(ValueError, match="no word appears in 100"):
+        WordTopics.build(model, docs, min_documents=100, progress=False)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(Exception, match="bad.safetensors|header|deserializ"):
+        WordTopics.load(tmp_path / "bad.safetensors")

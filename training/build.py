@@ -1,0 +1,268 @@
+"""``python -m training build-default``: the embedded default model, every stage from ``../shared``.
+
+Stages, each skipped when its output exists (and the two training stages resumed from their
+latest checkpoint when interrupted), all under ``--work``:
+
+1. ``stories.txt``: the real TinyStories stories, the lower-cased file repaired
+   (:mod:`training.corpus`);
+2. ``synthetic.txt`` (only with ``--synthetic-stories N``): stories sampled from stories260K
+   (:mod:`training.synthesize`);
+3. ``tokenizer/``: a byte-level BPE learned on the training documents (:mod:`training.tokenizer`);
+4. ``base/``: a base pretrained from scratch (:mod:`training.pretrain`);
+5. ``baseline/``: that base finetuned like the codebook model but without codebooks, the
+   reference for the codebook model's bits per byte;
+6. ``codebook/``: the base finetuned with a codebook on every attention head;
+7. ``codebook/word_topics.safetensors``: per-word topic statistics (topic search without data);
+8. ``codebook/topics.json``: calibrated presets for the paper's seven topics;
+9. ``codebook/code_index.safetensors``: a small index for the app's code browser;
+10. ``--output``: the model's files copied there (the shipped ``codebook/default_model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from codebook.text import ENDOFTEXT
+from training.config import FinetuneConfig
+from training.pretrain import Architecture, initial_path, write_initial_base
+
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors",
+                 "codebook_config.json", "codebooks.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "training_config.json",
+                 "eval.json", "metrics.jsonl", "run_summary.json", "loss.png", "code_usage.png",
+                 "README.md", "word_topics.safetensors", "topics.json", "steering.png",
+                 "code_index.safetensors")
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """What build-default makes; every field is a ``--option`` of the command."""
+
+    work: str = "runs/default-build"
+    output: str | None = "codebook/default_model"
+    shared: str = "../shared"
+    synthetic_stories: int = 0
+    max_stories: int | None = None  # the first N real stories only (quick trials, tests)
+    seed: int = 0
+    threads: int | None = None
+    # tokenizer and base
+    vocab_size: int = 4096
+    family: str = "llama"
+    num_layers: int = 1
+    hidden_size: int = 256
+    num_heads: int = 8
+    pretrain_epochs: float = 4.0
+    pretrain_lr: float = 2e-3
+    pretrain_steps: int | None = None
+    # codebooks
+    num_codes: int = 2048
+    k: int = 8
+    finetune_epochs: float = 1.0
+    finetune_steps: int | None = None
+    lr_base: float = 3e-4
+    lr_codebook: float = 3e-3
+    baseline: bool = True
+    # analysis
+    min_documents: int = 20
+    topics: list[str] | None = None  # default: the paper's seven
+    preset_num_codes: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32])
+    preset_strengths: list[float] = dataclasses.field(default_factory=lambda: [2.0, 4.0, 8.0])
+    calibration_samples: int = 5
+    samples_per_prompt: int = 10
+    max_new_tokens: int = 200
+    index_tokens: int = 300_000
+    block_size: int = 256
+    batch_size: int = 16
+    progress: bool = True
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.work)
+
+    def data_files(self) -> list[str]:
+        files = [str(self.work_dir / "stories.txt")]
+        if self.synthetic_stories:
+            files.append(str(self.work_dir / "synthetic.txt"))
+        return files
+
+
+def _stage(name: str, output: Path, run) -> None:
+    if output.exists():
+        print(f"[{name}] {output} exists: skipped", flush=True)
+        return
+    print(f"[{name}] making {output}", flush=True)
+    started = time.perf_counter()
+    run()
+    print(f"[{name}] done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _write_stories(build: BuildConfig) -> None:
+    from training.corpus import read_stories
+
+    data = Path(build.shared) / "data" / "tinystories"
+    cased = [data / "tinystories_v1_train_prefix_2MiB.txt",
+             data / "tinystories_v2_train_prefix_10k_lines.txt"]
+    lowercased = [data / "tinystories_v1_train_prefix_4MB_lowercased.txt"]
+    missing = [str(p) for p in cased + lowercased if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"build-default reads {missing}: put the shared material in "
+                                f"{build.shared} (--shared)")
+    stories = read_stories([str(p) for p in cased], [str(p) for p in lowercased])
+    stories = stories[:build.max_stories] if build.max_stories else stories
+    _write_documents(build.work_dir / "stories.txt", stories)
+
+
+def _write_documents(path: Path, documents: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{d}\n{ENDOFTEXT}\n" for d in documents), encoding="utf-8")
+    tmp.rename(path)
+
+
+def _synthesize(build: BuildConfig) -> None:
+    from training.models import load_base
+    from training.synthesize import synthesize
+
+    teacher = f"llama2c:{build.shared}/models/stories260K/stories260K.bin"
+    model, tokenizer = load_base(teacher)
+    partial = build.work_dir / "synthetic.partial.txt"  # resumable; renamed when complete
+    synthesize(model, tokenizer, build.synthetic_stories, partial, build.seed,
+               progress=build.progress)
+    partial.rename(build.work_dir / "synthetic.txt")
+
+
+def _training_config(build: BuildConfig, **options) -> FinetuneConfig:
+    return FinetuneConfig(data=build.data_files(), block_size=build.block_size,
+                          batch_size=build.batch_size, seed=build.seed, threads=build.threads,
+                          progress=build.progress, eval_every=100, checkpoint_every=100,
+                          **options)
+
+
+def _train(config: FinetuneConfig) -> None:
+    from training.checkpoint import latest_checkpoint
+    from training.trainer import finetune
+
+    config.resume = latest_checkpoint(config.checkpoint_path) is not None
+    finetune(config)
+
+
+def _tokenizer(build: BuildConfig) -> None:
+    from training.tokenizer import train_tokenizer
+    from training.trainer import read_split
+
+    # The documents pretraining will train on (its validation documents stay unseen).
+    config = _training_config(build, base="-", output=str(build.work_dir / "base"))
+    train, _ = read_split(config)
+    tokenizer = train_tokenizer(train, build.vocab_size)
+    tmp = build.work_dir / "tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(build.work_dir / "tokenizer")
+
+
+def _pretrain(build: BuildConfig) -> None:
+    output = build.work_dir / "base"
+    config = _training_config(
+        build, base=str(output / "checkpoints" / "initial"), output=str(output),
+        codebooks=False, epochs=build.pretrain_epochs, max_steps=build.pretrain_steps,
+        lr_base=build.pretrain_lr, warmup_steps=100, weight_decay=0.1)
+    architecture = Architecture(build.family, build.num_layers, build.hidden_size,
+                                build.num_heads, vocab_size=build.vocab_size)
+    if not initial_path(config).is_dir():
+        write_initial_base(config, architecture, str(build.work_dir / "tokenizer"))
+    _train(config)
+
+
+def _finetune(build: BuildConfig, name: str, codebooks: bool) -> None:
+    config = _training_config(
+        build, base=str(build.work_dir / "base"), output=str(build.work_dir / name),
+        codebooks=codebooks, sites=["attn_heads"], num_codes=build.num_codes, k=build.k,
+        epochs=build.finetune_epochs, max_steps=build.finetune_steps, lr_base=build.lr_base,
+        lr_codebook=build.lr_codebook, warmup_steps=50)
+    _train(config)
+
+
+def _analysis(argv: list[str]) -> None:
+    from codebook.__main__ import main as codebook_main
+
+    if codebook_main(argv) != 0:
+        raise RuntimeError(f"python -m codebook {' '.join(argv)} failed")
+
+
+def build_default(build: BuildConfig) -> Path | None:
+    """Run every stage that has not run yet; returns where the model was shipped (if it was)."""
+    import torch
+
+    from codebook.topics import PAPER_TOPICS
+
+    work = build.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    if build.threads:
+        torch.set_num_threads(build.threads)
+    (work / "build_config.json").write_text(json.dumps(dataclasses.asdict(build), indent=2))
+    model = work / "codebook"
+    common = ["--model", str(model), "--output", str(model)] + (
+        [] if build.progress else ["--no-progress"])
+    _stage("stories", work / "stories.txt", lambda: _write_stories(build))
+    if build.synthetic_stories:
+        _stage("synthesize", work / "synthetic.txt", lambda: _synthesize(build))
+    _stage("tokenizer", work / "tokenizer", lambda: _tokenizer(build))
+    _stage("pretrain", work / "base" / "model.safetensors", lambda: _pretrain(build))
+    if build.baseline:
+        _stage("baseline", work / "baseline" / "model.safetensors",
+               lambda: _finetune(build, "baseline", codebooks=False))
+    _stage("finetune", model / "codebooks.safetensors",
+           lambda: _finetune(build, "codebook", codebooks=True))
+    _stage("word topics", model / "word_topics.safetensors", lambda: _analysis(
+        ["word-topics", *common, "--data", *build.data_files(),
+         "--min-documents", str(build.min_documents)]))
+    topics = build.topics or list(PAPER_TOPICS)
+    _stage("presets", model / "topics.json", lambda: _analysis(
+        ["presets", *common, "--topic", *topics, "--modes", "add", "--last-layers", "all",
+         "--num-codes", *map(str, build.preset_num_codes),
+         "--strengths", *map(str, build.preset_strengths),
+         "--calibration-samples", str(build.calibration_samples),
+         "--samples-per-prompt", str(build.samples_per_prompt),
+         "--max-new-tokens", str(build.max_new_tokens),
+         "--plot", str(model / "steering.png")]))
+    _stage("index", model / "code_index.safetensors", lambda: _analysis(
+        ["index", *common, "--data", *build.data_files(), "--max-tokens",
+         str(build.index_tokens), "--topic-stories", "20"]))
+    if not build.output:
+        return None
+    output = Path(build.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        if (model / name).is_file():
+            shutil.copy2(model / name, output / name)
+    print(f"[ship] copied the model to {output}", flush=True)
+    return output
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "build-default", help="build the embedded default model from ../shared, every stage",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(BuildConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
+                   else field.default)
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif field.name in ("topics", "preset_num_codes", "preset_strengths"):
+            kind = float if field.name == "preset_strengths" else (
+                int if field.name == "preset_num_codes" else str)
+            parser.add_argument(flag, nargs="+", type=kind, default=default)
+        else:
+            kind = {"int": int, "float": float, "str": str, "int | None": int,
+                    "str | None": str}[str(field.type)]
+            parser.add_argument(flag, type=kind, default=default)
+
+
+def run(args: argparse.Namespace) -> None:
+    names = {f.name for f in dataclasses.fields(BuildConfig)}
+    build_default(BuildConfig(**{k: v for k, v in vars(args).items() if k in names}))
