@@ -12,8 +12,10 @@ least ``min_documents`` stories of the model's training text:
 
 From these, :meth:`WordTopics.result` ranks codes for a word exactly as
 ``TopicCounter.result(..., "context")`` would over the same corpus (up to the stored ``top``
-codes), in milliseconds. A regex matching several words (``\\b(?:prince|king)``) adds their
-statistics: a story naming two of them counts twice, an approximation the result says it made.
+codes), in milliseconds. For a regex matching several words (``\\b(?:prince|king)``, or
+``friend`` in "friend", "friends", "friendly") each code counts with the word it is most precise
+for, and the result's document and context counts are the words' sums (a story naming two of
+them counts twice).
 
 Stored as ``word_topics.safetensors`` (tensors plus JSON metadata; no pickle) beside a model, or
 for a Hub or the packaged model in the user's data directory (:mod:`codebook.userdata`).
@@ -145,7 +147,8 @@ class WordTopics:
         return [w for w in self.words if regex.search(w)]
 
     def result(self, pattern: str, top: int = 20, ignore_case: bool = True) -> TopicResult:
-        """Codes ranked by context precision for the words ``pattern`` matches."""
+        """Codes ranked by context precision for the words ``pattern`` matches (for several
+        words, each code by its best word's precision)."""
         words = self.matching_words(pattern, ignore_case)
         if not words:
             raise ValueError(
@@ -153,23 +156,32 @@ class WordTopics:
                 f"{self.num_documents:,} training stories matches {pattern!r}; search a corpus "
                 "with --data instead")
         ids = [self.word_ids[w] for w in words]
-        hits = Counter()
+        best: dict[int, CodeScore] = {}
         for i in ids:
-            for code, n in zip(self.codes[i].tolist(), self.hits[i].tolist(), strict=True):
-                hits[code] += n
+            for score in self._word_scores(i):
+                flat = self.layout.flat(score.ref)
+                if flat not in best or score.score > best[flat].score:
+                    best[flat] = score
+        scored = sorted(best.values(), key=lambda s: (-s.score, s.ref))
         context_tokens = int(self.context_tokens[ids].sum())
-        prior = float(self.info["prior"])
-        chance = context_tokens / self.num_tokens
-        scored = []
-        for code, n in hits.items():
-            if self.counts[code] == 0:  # never fired: says nothing of the topic
-                continue
-            precision = (n + prior * chance) / (int(self.counts[code]) + prior)
-            scored.append(CodeScore(self.layout.ref(code), precision, n / max(context_tokens, 1),
-                                    n, int(self.counts[code]), precision))
-        scored.sort(key=lambda s: (-s.score, s.ref))
         return TopicResult(pattern, "context", scored[:top], self.num_documents,
-                           int(self.documents[ids].sum()), 0, context_tokens, chance)
+                           int(self.documents[ids].sum()), 0, context_tokens,
+                           context_tokens / self.num_tokens)
+
+    def _word_scores(self, word: int) -> list[CodeScore]:
+        """The stored codes of one word, scored as ``TopicCounter.result(..., "context")``."""
+        prior = float(self.info["prior"])
+        context_tokens = int(self.context_tokens[word])
+        chance = context_tokens / self.num_tokens
+        scores = []
+        for code, hits in zip(self.codes[word].tolist(), self.hits[word].tolist(), strict=True):
+            count = int(self.counts[code])
+            if count == 0:  # never fired: says nothing of the topic
+                continue
+            precision = (hits + prior * chance) / (count + prior)
+            scores.append(CodeScore(self.layout.ref(code), precision,
+                                    hits / max(context_tokens, 1), hits, count, precision))
+        return scores
 
     # -- files ------------------------------------------------------------------------------
 

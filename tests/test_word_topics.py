@@ -44,15 +44,22 @@ def test_the_planted_context_code_leads_for_its_topic():
     assert CodeRef(0, "block_out", 0, 5) in [c.ref for c in stats.result("dragon").codes[:3]]
 
 
-def test_a_regex_over_several_words_adds_their_statistics():
+def test_a_regex_over_several_words_ranks_each_code_by_its_best_word():
     model = identity_model("cave")
     docs = context_corpus() + corpus(12, topic_every=3)
     stats = WordTopics.build(model, docs, min_documents=2, progress=False)
     assert stats.matching_words(r"\b(?:cat|dog)") == ["cat", "dog"]
-    both = stats.result(r"\b(?:cat|dog)")
-    cat, dog = stats.result("^cat$"), stats.result("^dog$")
+    both = stats.result(r"\b(?:cat|dog)", top=100)
+    cat, dog = stats.result("^cat$", top=100), stats.result("^dog$", top=100)
     assert both.context_tokens == cat.context_tokens + dog.context_tokens
     assert both.topic_documents == cat.topic_documents + dog.topic_documents
+    alone = {}
+    for result in (cat, dog):
+        for code in result.codes:
+            alone[code.ref] = max(alone.get(code.ref, 0.0), code.precision)
+    assert {c.ref: c.precision for c in both.codes} == alone
+    assert all(0 <= c.precision <= 1 for c in both.codes)
+    assert [c.score for c in both.codes] == sorted((c.score for c in both.codes), reverse=True)
 
 
 def test_rare_or_unknown_words_are_refused_with_the_reason(tmp_path):

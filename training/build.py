@@ -75,7 +75,7 @@ class BuildConfig:
     calibration_samples: int = 5
     samples_per_prompt: int = 10
     max_new_tokens: int = 200
-    index_tokens: int = 300_000
+    index_tokens: int = 40_000  # about 5 MiB: 64 code ids per token at 8 heads, k=8
     block_size: int = 256
     batch_size: int = 16
     progress: bool = True
