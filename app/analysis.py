@@ -65,14 +65,14 @@ def index(loaded: LoadedModel) -> CodeIndex:
         if state.index is None:
             if not has_index(loaded):
                 raise NoIndexError(
-                    f"the model {loaded.name!r} has no code index, so codes cannot be searched "
+                    f"the model {loaded.label!r} has no code index, so codes cannot be searched "
                     "or browsed (steering still works). Its author can add one with: python -m "
                     "codebook index --model MODEL --data TEXT_FILES")
             try:
                 loaded_index = CodeIndex.load(_index_path(loaded))
                 loaded_index.layout.check_model(loaded.model)
             except ValueError as err:
-                raise NoIndexError(f"the code index of {loaded.name!r} cannot be used: {err}"
+                raise NoIndexError(f"the code index of {loaded.label!r} cannot be used: {err}"
                                    ) from None
             state.index = loaded_index
         return state.index

@@ -29,9 +29,12 @@ from app.models import LoadedModel
 FORMATS = ("onnx", "torchscript")
 # Where the ``cbexport`` package lives, for the export subprocess.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Fractions of the progress bar reached when cbexport logs each step.
-_STEPS = (("loaded", 0.1), ("exporting ONNX", 0.2), ("tracing TorchScript", 0.5),
-          ("verifying", 0.7), ("wrote", 0.95))
+# cbexport's log lines that start each step: the fraction of the progress bar then reached, and
+# what the visitor reads (the lines themselves name folders on the server).
+_STEPS = (("loaded", 0.1, "model loaded"), ("exporting ONNX", 0.2, "exporting ONNX"),
+          ("tracing TorchScript", 0.5, "tracing TorchScript"),
+          ("verifying", 0.7, "verifying against the torch model"),
+          ("wrote", 0.95, "writing the bundle"))
 
 
 @dataclasses.dataclass
@@ -46,13 +49,23 @@ def parse_formats(choice) -> list[str]:
     """``"onnx"``, ``"torchscript"``, ``"both"`` or a list of formats → the formats, in order."""
     if isinstance(choice, str):
         names = list(FORMATS) if choice.strip().lower() == "both" else choice.split(",")
+    elif isinstance(choice, list | tuple):
+        names = list(choice)
     else:
-        names = list(choice or [])
+        names = [choice] if choice else []
     names = [str(n).strip().lower() for n in names if str(n).strip()]
     unknown = [n for n in names if n not in FORMATS]
     if unknown or not names:
         raise InputError(f"choose the export format: onnx, torchscript or both (got {choice!r})")
     return [f for f in FORMATS if f in names]
+
+
+def progress_step(line: str) -> tuple[float, str] | None:
+    """The progress (fraction, description) a cbexport log line reports, or ``None``."""
+    for prefix, fraction, description in _STEPS:
+        if line.startswith(prefix):
+            return fraction, description
+    return None
 
 
 def _model_key(loaded: LoadedModel) -> str:
@@ -83,14 +96,18 @@ class ExportCache:
             json.dumps([_model_key(loaded), formats, full_verify]).encode()
         ).hexdigest()[:16]
         folder = self.root / key
-        zip_path = folder / f"{_slug(loaded.name)}-{'-'.join(formats)}.zip"
+        zip_path = folder / f"{_slug(loaded.label)}-{'-'.join(formats)}.zip"
         with self._lock:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             if zip_path.is_file():
                 return self._result(folder, zip_path, cached=True)
             folder.mkdir(parents=True, exist_ok=True)
-            _export(loaded.directory, folder / "bundle", formats, full_verify, progress)
+            try:
+                _export(loaded.directory, folder / "bundle", formats, full_verify, progress)
+            except InputError as err:  # cbexport names folders: say the model's name instead
+                message = str(err).replace(str(loaded.directory), loaded.label)
+                raise InputError(message.replace(str(folder / "bundle"), "the bundle")) from None
             partial = zip_path.with_suffix(".partial")
             with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
                 for file in sorted((folder / "bundle").iterdir()):
@@ -121,9 +138,9 @@ def _export(directory: Path, out: Path, formats: list[str], full_verify: bool,
     lines = []
     for line in proc.stderr:
         lines.append(line.strip())
-        for prefix, fraction in _STEPS:
-            if line.startswith(prefix):
-                progress(fraction, line.strip())
+        step = progress_step(line)
+        if step is not None:
+            progress(*step)
     if proc.wait() != 0:
         errors = [line for line in lines if line.startswith("error:")] or lines[-3:]
         raise InputError(f"export failed: {' '.join(errors).removeprefix('error: ')}")

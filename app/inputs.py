@@ -12,8 +12,11 @@ from codebook.steering import MODES, Steering
 from codebook.text import compile_regex
 
 MAX_SEED = 2**32 - 1
-MAX_TEMPERATURE = 5.0
-MAX_STRENGTH = 100.0
+MAX_TEMPERATURE = 2.0
+# The steering strength every part of the app accepts: the Steer tab's box, a pasted steering
+# set, the API. The library takes any finite number (it multiplies the forced codes' vectors);
+# a negative one subtracts them, steering away. Beyond about 10 the text is garbled anyway.
+STRENGTH_RANGE = (-10.0, 10.0)
 MAX_REGEX_CHARS = 200
 # Seconds one request may spend matching a visitor's regex (summed over every text it searches):
 # a pattern such as (.|..)*# backtracks exponentially, and the limit turns that into a message.
@@ -25,24 +28,57 @@ class InputError(ValueError):
     """A bad input; the message is meant for the visitor."""
 
 
+def shown_number(value: float) -> str:
+    """``value`` as a visitor would type it: ``4``, ``-2.5``, ``1000000000`` (never ``1e+09``)."""
+    if float(value).is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return f"{value:g}"
+
+
 def number(value, field: str, low: float, high: float) -> float:
-    """``value`` as a finite float in ``[low, high]``."""
+    """``value`` (a number, or text that is one) as a finite float in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InputError(f"{field} must be a number, got {value!r}")
     try:
         result = float(value)
-    except (TypeError, ValueError):
+    except ValueError:
         raise InputError(f"{field} must be a number, got {value!r}") from None
     if not math.isfinite(result):
         raise InputError(f"{field} must be a finite number, got {result}")
     if not low <= result <= high:
-        raise InputError(f"{field} must be between {low:g} and {high:g}, got {result:g}")
+        raise InputError(f"{field} must be between {shown_number(low)} and {shown_number(high)}, "
+                         f"got {shown_number(result)}")
     return result
 
 
 def integer(value, field: str, low: int, high: int) -> int:
     result = number(value, field, low, high)
     if result != int(result):
-        raise InputError(f"{field} must be a whole number, got {result:g}")
+        raise InputError(f"{field} must be a whole number, got {shown_number(result)}")
     return int(result)
+
+
+def flag(value, field: str) -> bool:
+    """A checkbox's value: ``True`` or ``False``, nothing else."""
+    if not isinstance(value, bool):
+        raise InputError(f"{field} must be true or false, got {value!r}")
+    return value
+
+
+def text(value, field: str) -> str:
+    """A text box's value (``None``, which an API client may send for an empty box, is "")."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{field} must be text, got {value!r}")
+    return value
+
+
+def choice(value, field: str, options) -> str:
+    """One of ``options`` (a radio button's values)."""
+    if value not in options:
+        raise InputError(f"{field} must be one of {', '.join(options)}, got {value!r}")
+    return value
 
 
 def prompt_ids(loaded: LoadedModel, prompt, max_chars: int, max_new_tokens: int) -> list[int]:
@@ -50,7 +86,7 @@ def prompt_ids(loaded: LoadedModel, prompt, max_chars: int, max_new_tokens: int)
     that prompt and continuation fit in the model's context."""
     from codebook.text import encode_document
 
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not text(prompt, "the prompt").strip():
         raise InputError("the prompt is empty: write the beginning of a story, e.g. "
                          "'Once upon a time,'")
     if len(prompt) > max_chars:
@@ -65,7 +101,7 @@ def prompt_ids(loaded: LoadedModel, prompt, max_chars: int, max_new_tokens: int)
 
 def seed(value, random_seed: bool) -> int:
     """The seed to sample with: a fresh one when asked for, else ``value``."""
-    if random_seed:
+    if flag(random_seed, "random seed"):
         return secrets.randbelow(MAX_SEED)
     return integer(value, "seed", 0, MAX_SEED)
 
@@ -78,9 +114,30 @@ def max_new_tokens(value, cap: int) -> int:
     return integer(value, "max new tokens", 1, cap)
 
 
+def strength(value) -> float:
+    return number(value, "strength", *STRENGTH_RANGE)
+
+
+def code_list(value) -> list[str]:
+    """The steering set's codes as sent: a list (the code box's chips) or, from an API client,
+    one comma-separated string; empty entries dropped."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list | tuple):
+        raise InputError(f"codes must be a list of codes such as 3:attn_heads:2:117, got "
+                         f"{value!r}")
+    for code in value:
+        if not isinstance(code, str):
+            raise InputError(f"cannot parse code {code!r}: write LAYER:SITE:HEAD:CODE, e.g. "
+                             "3:attn_heads:2:117")
+    return [code for code in value if code.strip()]
+
+
 def regex(pattern, field: str = "regex") -> str:
     """A regular expression that compiles, of reasonable length."""
-    if not isinstance(pattern, str) or not pattern.strip():
+    if not text(pattern, f"the {field}").strip():
         raise InputError(f"the {field} is empty: type a word or a regular expression")
     pattern = pattern.strip()
     if len(pattern) > MAX_REGEX_CHARS:
@@ -93,37 +150,35 @@ def regex(pattern, field: str = "regex") -> str:
     return pattern
 
 
-def steering(loaded: LoadedModel, codes, strength, mode, positions) -> Steering | None:
+def steering(loaded: LoadedModel, codes, strength_value, mode, positions) -> Steering | None:
     """The steering set as a :class:`Steering` checked against the model (every code exists, at
-    most ``k`` per head), or ``None`` when no code is chosen."""
-    codes = [c for c in (codes or []) if str(c).strip()]
+    most ``k`` per head), or ``None`` when no code is chosen; strength, mode and positions are
+    checked either way."""
+    codes = code_list(codes)
+    mode = choice(mode, "mode", MODES)
+    positions = choice(positions, "positions", POSITIONS)
+    strength_value = strength(strength_value)
     if not codes:
         return None
     if len(codes) > MAX_CODES:
         raise InputError(f"{len(codes)} codes in the steering set; the limit is {MAX_CODES}")
-    if mode not in MODES:
-        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if positions not in POSITIONS:
-        raise InputError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
-    strength = number(strength, "strength", -MAX_STRENGTH, MAX_STRENGTH)
     try:
-        result = Steering(codes=[str(c) for c in codes], strength=strength, mode=mode,
-                          positions=positions)
+        result = Steering(codes=codes, strength=strength_value, mode=mode, positions=positions)
         result.layer_steerings(loaded.model.codebook_layers())  # raises naming a bad code
     except ValueError as err:
         raise InputError(str(err)) from None
     return result
 
 
-def steering_json(loaded: LoadedModel, text) -> Steering:
+def steering_json(loaded: LoadedModel, shared) -> Steering:
     """A shared steering set (``Steering.to_json``), checked like :func:`steering`."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(shared, str) or not shared.strip():
         raise InputError("paste a steering set as JSON, e.g. "
                          '{"codes": ["3:attn_heads:2:117"], "strength": 1, "mode": "add"}')
-    if len(text) > 20_000:
+    if len(shared) > 20_000:
         raise InputError("the steering JSON is too long (limit 20,000 characters)")
     try:
-        parsed = Steering.from_json(text)
+        parsed = Steering.from_json(shared)
     except (ValueError, TypeError) as err:
         raise InputError(f"cannot read the steering JSON: {err}") from None
     if parsed.block:

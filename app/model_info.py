@@ -20,7 +20,7 @@ def card(loaded: LoadedModel) -> str:
     """The model card (README.md) without its YAML front matter."""
     path = loaded.directory / "README.md"
     if not path.is_file():
-        return f"*{loaded.name} has no model card (README.md).*"
+        return f"*{loaded.label} has no model card (README.md).*"
     return _FRONT_MATTER.sub("", path.read_text(encoding="utf-8", errors="replace")).strip()
 
 
@@ -31,7 +31,7 @@ def facts(loaded: LoadedModel) -> str:
     first = next(iter(layers.values()))
     params = sum(p.numel() for p in model.base.parameters())
     rows = [
-        ("model", f"`{loaded.name}`"),
+        ("model", f"`{loaded.label}`"),
         ("architecture", f"{type(model.base).__name__}, {model.config.num_hidden_layers} layers, "
                          f"{params:,} parameters"),
         ("codebooks", f"{len(layers)} sites ({', '.join(cfg.sites)}), {first.groups} per site "

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from app import errors
 from app.settings import Settings
 from codebook import CodebookModel, hub, original
 from codebook.topics import load_topics
@@ -52,8 +53,18 @@ class ModelError(ValueError):
     """A model that cannot be loaded; the message is meant for the visitor."""
 
 
+def display_name(name: str) -> str:
+    """How a model is named to visitors: a Hub id or ``default`` as it is, a local directory by
+    its own name only (where it lies on the server is nobody's business)."""
+    if name.startswith(_PATH_START) or name in (".", "..") or Path(name).is_absolute():
+        return Path(name).name or name.strip("/\\.") or "model"
+    return name
+
+
 def check_model_name(name: str, roots: tuple[Path, ...]) -> str:
     """The name to load (stripped) if a visitor may load it; else :class:`ModelError`."""
+    if name is not None and not isinstance(name, str):
+        raise ModelError(f"the model name must be text, got {name!r}")
     name = (name or "").strip()
     if not name:
         raise ModelError("the model box is empty: type 'default', a Hub repo id like "
@@ -113,7 +124,7 @@ class LoadedModel:
     :data:`FORWARD_LOCK`) must be held around every forward pass."""
 
     def __init__(self, name: str, model: CodebookModel, directory: Path):
-        self.name = name
+        self.name = name  # what loads it again (a local directory's full path)
         self.model = model
         self.directory = directory
         self.lock = FORWARD_LOCK
@@ -125,6 +136,11 @@ class LoadedModel:
             self.topics = {}
         self._lazy_lock = threading.Lock()
         self._surfaces: list[str] | None = None
+
+    @property
+    def label(self) -> str:
+        """The name visitors see (:func:`display_name`)."""
+        return display_name(self.name)
 
     @property
     def max_positions(self) -> int | None:
@@ -160,6 +176,7 @@ def load(name: str, device: str | None = None, policy: hub.Policy | None = None)
         raise ModelError(f"cannot load {name!r}: {err}") from None
     if model.tokenizer is None:
         raise ModelError(f"{name!r} has no tokenizer files, which the app needs to read text")
+    errors.hide(directory)
     return LoadedModel(name, model, directory)
 
 
@@ -170,6 +187,9 @@ class ModelRegistry:
         self.settings = settings
         self.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.start_name = settings.model
+        errors.hide(*settings.model_roots)
+        if display_name(self.start_name) != self.start_name:  # a local directory
+            errors.hide(Path(self.start_name).expanduser().resolve().parent)
         self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -196,7 +216,10 @@ class ModelRegistry:
             return loaded
 
     def load_for_visitor(self, name: str) -> LoadedModel:
-        """Check what a visitor typed, then load it (see the module docstring)."""
+        """Check what a visitor typed, then load it (see the module docstring). The start model
+        also loads by the name it is shown under (a local directory's own name)."""
+        if isinstance(name, str) and name.strip() == display_name(self.start_name):
+            return self.start_model()
         name = check_model_name(name, self.settings.model_roots)
         if name == self.start_name:
             return self.get(name)

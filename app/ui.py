@@ -27,7 +27,7 @@ random choices, only the codes differ ([the paper]({PAPER}))."""
 
 def model_line(loaded: LoadedModel) -> str:
     topics = f", {len(loaded.topics)} topic presets" if loaded.topics else ", no topic presets"
-    return f"Model: `{loaded.name}`{topics} (change it on the Model tab)."
+    return f"Model: `{loaded.label}`{topics} (change it on the Model tab)."
 
 
 def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr.Blocks:
@@ -60,20 +60,27 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
                                    [steer_tab.codes, tabs, steer_tab.status],
                                    api_visibility="private")
 
+        # The endpoint returns plain texts (what API clients get); the browser then updates
+        # what depends on the model's shape: plots, topic buttons, the code browser's choices.
         @shown
         def load_model(name: str):
             loaded = registry.load_for_visitor(name)
+            return [loaded.name, f"Loaded `{loaded.label}`.", model_line(loaded),
+                    *model.texts(loaded), steer.topic_hint(loaded), steer.chips([]),
+                    steer.search_note(loaded), codes.shape_note(loaded)]
+
+        def show_model(name: str):
+            loaded = ctx.model(name)
             site, head, code = codes.first_code(loaded)
-            return [loaded.name, f"Loaded `{loaded.name}`.", model_line(loaded),
-                    *model.updates(ctx, loaded), steer.topic_hint(loaded),
-                    *steer.topic_buttons(loaded), steer.chips([]), steer.search_note(loaded),
-                    gr.update(choices=codes.site_choices(loaded), value=site), head, code,
-                    codes.shape_note(loaded)]
+            return [*model.plot_updates(ctx, loaded), *steer.topic_buttons(loaded),
+                    gr.update(choices=codes.site_choices(loaded), value=site), head, code]
 
         gr.on([model_tab.load.click, model_tab.name.submit], load_model, [model_tab.name],
-              [model_state, model_tab.status, header, model_tab.facts, *model_tab.plots,
-               model_tab.card, steer_tab.hint, *steer_tab.topic_buttons, steer_tab.codes,
-               steer_tab.search_summary, codes_tab.site,
-               codes_tab.head, codes_tab.code, codes_tab.index_note],
-              api_name="load_model", concurrency_limit=1, concurrency_id="load")
+              [model_state, model_tab.status, header, model_tab.facts, model_tab.card,
+               steer_tab.hint, steer_tab.codes, steer_tab.search_summary, codes_tab.index_note],
+              api_name="load_model", concurrency_limit=1, concurrency_id="load",
+              preprocess=False).success(
+            show_model, [model_state],
+            [*model_tab.plots, *steer_tab.topic_buttons, codes_tab.site, codes_tab.head,
+             codes_tab.code], api_visibility="private", show_progress="hidden")
     return demo

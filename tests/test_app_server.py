@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -111,7 +112,8 @@ def dragon(model_dir) -> list[str]:
 
 def generate(client: Client, prompt=PROMPT, codes=(), strength=4.0, mode="add", positions="all",
              seed=0, random_seed=False, temperature=0.0, max_tokens=16, highlight="dragon"):
-    return client.submit(prompt, list(codes), strength, mode, positions, seed, random_seed,
+    codes = list(codes) if isinstance(codes, tuple | list) else codes  # bad ones as they are
+    return client.submit(prompt, codes, strength, mode, positions, seed, random_seed,
                          temperature, max_tokens, highlight, api_name="/generate")
 
 
@@ -129,6 +131,109 @@ def test_every_public_event_has_a_named_endpoint(client):
         "/generate", "/topic", "/search_topics", "/search_codes", "/code", "/tokens", "/export",
         "/load_model", "/import_steering"}
     assert not api["unnamed_endpoints"]
+
+
+def matches(value, schema: dict, defs: dict) -> bool:
+    """Whether ``value`` fits the JSON schema ``schema`` (the parts Gradio's api_info uses)."""
+    if "$ref" in schema:
+        return matches(value, defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+    if "anyOf" in schema:
+        return any(matches(value, option, defs) for option in schema["anyOf"])
+    if "const" in schema and value != schema["const"]:
+        return False
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    kind = schema.get("type")
+    if isinstance(kind, dict) or kind is None:  # {} or no type: anything
+        return True
+    checks = {"string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+              "null": lambda v: v is None, "array": lambda v: isinstance(v, list),
+              "object": lambda v: isinstance(v, dict)}
+    if not checks[kind](value):
+        return False
+    if kind == "array":
+        return all(matches(item, schema.get("items", {}), defs) for item in value)
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return (all(key in value for key in schema.get("required", []))
+                and all(matches(value[key], sub, defs) for key, sub in properties.items()
+                        if key in value))
+    return True
+
+
+def assert_returns_as_declared(client: Client, endpoint: str, outputs) -> None:
+    """Each output of ``endpoint`` is of the type ``view_api`` declares for it (and none is a
+    Gradio update dict, which no declared type is)."""
+    returns = client.view_api(print_info=False, return_format="dict")[
+        "named_endpoints"][endpoint]["returns"]
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    assert len(outputs) == len(returns), (endpoint, outputs)
+    for value, declared in zip(outputs, returns, strict=True):
+        assert not (isinstance(value, dict) and "__type__" in value), (endpoint, value)
+        schema = declared["type"]
+        assert matches(value, schema, schema.get("$defs", {})), (
+            endpoint, declared["label"], declared["python_type"]["type"], value)
+
+
+def test_every_endpoint_returns_what_view_api_declares(app, dragon):
+    client = Client(app[0], verbose=False, download_files=False)
+    topic = client.predict("dragon", api_name="/topic")
+    assert_returns_as_declared(client, "/topic", topic)
+    codes, strength, mode, positions, highlight, _ = topic
+    # What /topic returns is what /generate takes.
+    job = generate(client, codes=codes, strength=strength, mode=mode, positions=positions,
+                   highlight=highlight)
+    final = job.result()
+    for outputs in job.outputs():  # streamed updates too
+        assert_returns_as_declared(client, "/generate", tuple(outputs))
+    assert final[4]["steering"]["strength"] == strength and final[4]["steered"]
+    shared = json.dumps({"codes": dragon[:2], "strength": -2, "mode": "add", "positions": "all"})
+    for endpoint, args in (("/import_steering", (shared,)), ("/search_topics", ("dragon",)),
+                           ("/search_codes", (r"\bdragon\b",)),
+                           ("/code", ("0:attn_heads", 1, 2)), ("/tokens", ("the cat", "off")),
+                           ("/load_model", (HUB_REPO,))):
+        assert_returns_as_declared(client, endpoint, client.predict(*args, api_name=endpoint))
+    # The code box's declared type is a list of strings, not of no choice at all.
+    parameters = client.view_api(print_info=False, return_format="dict")[
+        "named_endpoints"]["/generate"]["parameters"]
+    assert parameters[1]["python_type"]["type"] == "list[str]"
+
+
+def test_negative_strength_steers_and_the_controls_have_the_ranges_the_server_runs(client,
+                                                                                   dragon):
+    from app import inputs
+
+    away = texts(generate(client, codes=dragon, strength=-4.0))
+    toward = texts(generate(client, codes=dragon, strength=4.0))
+    assert away["steering"]["strength"] == -4.0
+    assert away["unsteered"] == toward["unsteered"] and away["steered"] != toward["steered"]
+    ranges = {c["props"].get("label"): (c["props"].get("minimum"), c["props"].get("maximum"))
+              for c in client.config["components"]}
+    assert ranges["Strength"] == inputs.STRENGTH_RANGE
+    assert ranges["Max new tokens"] == (1, MAX_NEW_TOKENS)
+    assert ranges["Temperature"] == (0, inputs.MAX_TEMPERATURE)
+    assert ranges["Seed"] == (0, inputs.MAX_SEED)
+
+
+def test_no_message_or_default_shows_a_server_path(app, client, model_dir):
+    """The start model is a local directory: visitors see its name, never where it is."""
+    hidden = (str(model_dir), str(model_dir.parent), "codebook-app-", str(REPO))
+    shown = [c["props"].get("value") for c in client.config["components"]
+             if c.get("type") in ("markdown", "textbox", "html")]
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    shown += [p.get("parameter_default") for e in api.values() for p in e["parameters"]]
+    session = Client(app[0], verbose=False)
+    shown += session.predict(model_dir.name, api_name="/load_model")  # the shown name loads it
+    for bad in (str(model_dir), "someone/missing", "../../etc"):
+        with pytest.raises(AppError) as raised:
+            session.predict(bad, api_name="/load_model")
+        shown.append(str(raised.value).replace(bad, "<typed>"))
+    leaks = [text for text in shown if isinstance(text, str)
+             for path in hidden if path in text]
+    assert not leaks
+    assert any(f"`{model_dir.name}`" in text for text in shown if isinstance(text, str))
 
 
 def test_generation_streams_both_sides_and_steering_changes_the_text(client, dragon):
@@ -160,7 +265,7 @@ def test_a_seed_reproduces_a_sampled_pair_and_random_seeds_are_reported(client, 
 def test_topic_presets_and_searches_return_codes(client, dragon):
     chips, strength, mode, positions, highlight, status = client.predict("dragon",
                                                                          api_name="/topic")
-    assert chips["value"] == dragon and (strength, mode, positions) == (4.0, "add", "all")
+    assert chips == dragon and (strength, mode, positions) == (4.0, "add", "all")
     assert highlight == "dragon" and "dragon" in status
 
     table, summary, highlight = client.predict("dragon", api_name="/search_topics")
@@ -193,8 +298,7 @@ def test_the_steering_set_imports_from_json(client, dragon):
                          "positions": "generated"})
     chips, strength, mode, positions, status = client.predict(shared,
                                                               api_name="/import_steering")
-    assert (chips["value"], strength, mode, positions) == (dragon[:2], 2.5, "replace",
-                                                           "generated")
+    assert (chips, strength, mode, positions) == (dragon[:2], 2.5, "replace", "generated")
     assert "2 codes" in status
 
 
@@ -203,13 +307,17 @@ def test_export_returns_a_zip_whose_onnx_model_runs_in_onnxruntime(app, model_di
     from cbexport.runtime import CodebookRuntime
 
     raw = Client(app[0], verbose=False, download_files=False)
-    download, report, snippet = raw.predict("onnx", False, api_name="/export")
-    served = Path(download["value"]["path"])
+    outputs = raw.predict("onnx", False, api_name="/export")
+    assert_returns_as_declared(raw, "/export", outputs)
+    download, report, snippet = outputs
+    served = Path(download["path"])
     # Served from the app's own temporary directory (Gradio's cache is inside it).
     assert served.name.endswith("-onnx.zip")
     assert any(parent.name.startswith("codebook-app-") for parent in served.parents), served
-    assert "Verification passed" in report and "CodebookRuntime" in snippet["value"]
-    response = httpx.get(download["value"]["url"], timeout=60)
+    assert "Verification passed" in report and "CodebookRuntime" in snippet
+    # The file's name, not where it is.
+    assert served.name in report and str(served.parent) not in report
+    response = httpx.get(download["url"], timeout=60)
     assert response.status_code == 200
     archive = tmp_path / "bundle.zip"
     archive.write_bytes(response.content)
@@ -255,24 +363,32 @@ BAD_GENERATIONS = [
     ({"codes": ["0:attn_heads:7:1"]}, "head must be in [0, 4)"),
     ({"codes": ["the dragon"]}, "cannot parse code"),
     ({"codes": [f"0:attn_heads:0:{c}" for c in range(5)]}, "only k=4 can be active"),
-    ({"strength": 1e9}, "greater than maximum value 10"),
-    ({"strength": -3}, "less than minimum value 0"),
-    ({"max_tokens": -5}, "less than minimum value 1"),
-    ({"max_tokens": 0}, "less than minimum value 1"),
-    ({"max_tokens": 10**9}, "greater than maximum value 48"),
-    ({"temperature": -1}, "less than minimum value 0"),
-    ({"seed": -1}, "less than minimum value 0"),
-    ({"mode": "sideways"}, "sideways"),
-    ({"positions": "middle"}, "middle"),
+    ({"strength": 1e9}, "strength must be between -10 and 10, got 1000000000"),
+    ({"strength": -11}, "strength must be between -10 and 10, got -11"),
+    ({"strength": "abc"}, "strength must be a number, got 'abc'"),
+    ({"strength": None}, "strength must be a number, got None"),
+    ({"max_tokens": -5}, "max new tokens must be between 1 and 48, got -5"),
+    ({"max_tokens": 0}, "max new tokens must be between 1 and 48, got 0"),
+    ({"max_tokens": 10**9}, "max new tokens must be between 1 and 48, got 1000000000"),
+    ({"max_tokens": 2.5}, "max new tokens must be a whole number, got 2.5"),
+    ({"max_tokens": "many"}, "max new tokens must be a number, got 'many'"),
+    ({"temperature": -1}, "temperature must be between 0 and 2, got -1"),
+    ({"temperature": "hot"}, "temperature must be a number, got 'hot'"),
+    ({"seed": -1}, "seed must be between 0 and 4294967295, got -1"),
+    ({"seed": "x"}, "seed must be a number, got 'x'"),
+    ({"random_seed": "maybe"}, "random seed must be true or false, got 'maybe'"),
+    ({"mode": "sideways"}, "mode must be one of add, replace, got 'sideways'"),
+    ({"mode": "sideways", "codes": []}, "mode must be one of add, replace, got 'sideways'"),
+    ({"positions": "middle"}, "positions must be one of all, prompt, generated, got 'middle'"),
+    ({"codes": 5}, "codes must be a list of codes such as 3:attn_heads:2:117, got 5"),
+    ({"codes": [5]}, "cannot parse code 5"),
+    ({"prompt": 5}, "the prompt must be text, got 5"),
+    ({"highlight": 5}, "highlight must be text, got 5"),
 ]
 # JSON has no NaN or infinity, so gradio_client cannot send them; a hand-made request can.
-# Infinities fail Gradio's range checks; NaN passes them (every comparison is false) and the
-# app's own check names it.
-NOT_FINITE = [(position, value, message)
+NOT_FINITE = [(position, value, f"{field} must be a finite number")
               for position, field in ((2, "strength"), (7, "temperature"), (8, "max new tokens"))
-              for value, message in (("NaN", f"{field} must be a finite number"),
-                                     ("Infinity", "is greater than maximum value"),
-                                     ("-Infinity", "is less than minimum value"))]
+              for value in ("NaN", "Infinity", "-Infinity")]
 
 BAD_CALLS = [
     (("",), "/load_model", "the model box is empty"),
@@ -292,6 +408,18 @@ BAD_CALLS = [
     (("tflite", False), "/export", "tflite"),
     (("", "off"), "/tokens", "the text is empty"),
     (("nope",), "/topic", "no topic preset 'nope'"),
+    ((5,), "/topic", "topic must be text, got 5"),
+    ((5,), "/load_model", "the model name must be text, got 5"),
+    ((5,), "/search_topics", "the search must be text, got 5"),
+    ((["a"],), "/search_codes", "the regex must be text, got ['a']"),
+    (("9:attn_heads", 0, 0), "/code", "there is no codebook at layer 9 site 'attn_heads'"),
+    (("somewhere", 0, 0), "/code", "layer and site must be LAYER:SITE, e.g. 0:attn_heads"),
+    (("0:attn_heads", "x", 0), "/code", "head must be a number, got 'x'"),
+    (("the cat", "sometimes"), "/tokens", "steering must be one of off, on, got 'sometimes'"),
+    (("the cat", "on", [], "abc"), "/tokens", "strength must be a number, got 'abc'"),
+    (("onnx", "yes"), "/export", "full verification must be true or false, got 'yes'"),
+    (('{"codes": ["0:attn_heads:0:1"], "strength": 100}',), "/import_steering",
+     "strength must be between -10 and 10, got 100"),
 ]
 
 
@@ -479,5 +607,59 @@ def test_a_visitor_steers_a_story_and_downloads_an_export(app, tmp_path):
             phone.get_by_role("button", name="Generate", exact=True).click()
             expect(phone.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
             phone.screenshot(path=str(SCREENSHOTS / "steer-phone.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_a_visitor_typing_a_bad_value_is_told_and_nothing_changes(app):
+    """Strength and max new tokens outside their range, and malformed codes typed as chips, are
+    refused where they are typed: a notice says why, the box shows the value that will run."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app[0])
+            page.get_by_role("button", name="dragon", exact=True).click()
+            expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+            share = page.get_by_text("Share: the steering set as JSON")
+            share.click()
+            shared = page.locator("#steering-json textarea")
+            expect(shared).to_have_value(re.compile(r'"strength": 4(\.0)?,'), timeout=10_000)
+            strength = page.get_by_label("Strength")
+            strength.fill("-50")
+            strength.press("Enter")
+            expect(page.get_by_text("strength must be between -10 and 10, got -50").first
+                   ).to_be_visible(timeout=10_000)
+            expect(strength).to_have_value("4")
+            expect(shared).to_have_value(re.compile(r'"strength": 4(\.0)?,'))
+            strength.fill("-2.5")  # in range, negative: taken
+            strength.press("Enter")
+            expect(shared).to_have_value(re.compile(r'"strength": -2.5,'), timeout=10_000)
+
+            page.get_by_text("Sampling", exact=True).click()
+            tokens = page.get_by_label("Max new tokens")
+            tokens.fill("1000000000")
+            tokens.press("Enter")
+            expect(page.get_by_text(f"max new tokens must be between 1 and {MAX_NEW_TOKENS}, "
+                                    "got 1000000000").first).to_be_visible(timeout=10_000)
+            expect(tokens).to_have_value(str(MAX_NEW_TOKENS))  # the default, kept
+
+            chips = page.locator("#steering-codes .token")
+            before = chips.count()
+            box = page.locator("#steering-codes input")
+            for typed, message in (("abc", "cannot parse code 'abc'"),
+                                   ("99:attn_heads:0:1", "there is no codebook at layer 99")):
+                box.fill(typed)
+                box.press("Enter")
+                expect(page.get_by_text(message).first).to_be_visible(timeout=10_000)
+                expect(chips).to_have_count(before)
+            box.fill("0:attn_heads:0:7")
+            box.press("Enter")
+            expect(chips).to_have_count(before + 1, timeout=10_000)
         finally:
             browser.close()

@@ -481,16 +481,17 @@ def test_a_failed_export_names_the_problem_and_leaves_no_zip(tmp_path):
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text("{}")
     cache = ExportCache(tmp_path / "exports")
-    with pytest.raises(InputError, match="export failed: .*has no codebook_config.json"):
+    with pytest.raises(InputError, match="export failed: .*has no codebook_config.json") as raised:
         cache.build(_Stub("broken", not_a_model), ["onnx"], False)
     assert not list((tmp_path / "exports").rglob("*.zip"))
+    assert str(tmp_path) not in str(raised.value)  # the model's name, not its folder
 
 
 class _Stub:
     """What the export cache reads of a loaded model: its name and directory."""
 
     def __init__(self, name: str, directory: Path):
-        self.name, self.directory = name, directory
+        self.name, self.directory, self.label = name, directory, name
 
 
 # -- analysis over the index ----------------------------------------------------------------------
@@ -541,3 +542,127 @@ def test_a_presets_measured_steering_is_stated_only_when_recorded():
     assert measured({"codes": [], "stats": {"steer_eval": {"steered": {}}}}) == ""
     stats["steer_eval"]["fluency_ratio"] = None
     assert measured({"codes": [], "stats": stats}).endswith("against 35% unsteered. ")
+
+
+# -- one range per control, refused at entry; no server paths in messages ------------------------
+
+@pytest.fixture(scope="module")
+def demo(loaded, tmp_path_factory):
+    """The whole interface over the test model, built in this process (not served)."""
+    from app.ui import build_demo
+
+    settings = Settings(model=str(loaded.directory), max_new_tokens=48)
+    return build_demo(ModelRegistry(settings), settings, tmp_path_factory.mktemp("work"))
+
+
+def component(demo, label: str):
+    [found] = [b for b in demo.blocks.values() if getattr(b, "label", None) == label]
+    return found
+
+
+def test_strength_has_one_range_negative_included_and_import_keeps_to_it(loaded, demo):
+    import gradio as gr
+
+    low, high = inputs.STRENGTH_RANGE
+    assert low < 0 < 1 < high  # the library takes any finite strength: negative steers away
+    assert inputs.steering(loaded, ["0:attn_heads:0:1"], low, "add", "all").strength == low
+    assert Steering(["0:attn_heads:0:1"], strength=low).strength == low
+    box = component(demo, "Strength")
+    # A number box: a Gradio slider clamps a typed value to its ends on blur, silently.
+    assert not isinstance(box, gr.Slider) and (box.minimum, box.maximum) == (low, high)
+    for value in (low - 0.5, high + 0.5, 100):
+        with pytest.raises(InputError, match=f"strength must be between {low:g} and {high:g}, "
+                                             f"got {value:g}"):
+            inputs.steering(loaded, ["0:attn_heads:0:1"], value, "add", "all")
+        shared = json.dumps({"codes": ["0:attn_heads:0:1"], "strength": value})
+        with pytest.raises(InputError, match=f"strength must be between {low:g} and {high:g}"):
+            inputs.steering_json(loaded, shared)
+
+
+def test_the_number_boxes_range_is_what_runs_and_a_value_outside_it_is_refused(demo):
+    import gradio as gr
+
+    from app.tabs import steer
+
+    tokens = component(demo, "Max new tokens")
+    assert not isinstance(tokens, gr.Slider)
+    assert (tokens.minimum, tokens.maximum, tokens.precision) == (1, 48, 0)
+    temperature = component(demo, "Temperature")
+    assert (temperature.minimum, temperature.maximum) == (0, inputs.MAX_TEMPERATURE)
+    with pytest.raises(InputError, match="temperature must be between 0 and 2, got 3"):
+        inputs.temperature(3)
+
+    def max_tokens(value):
+        return inputs.max_new_tokens(value, 48)
+
+    refuse = steer.refusing(max_tokens)
+    # A good value is kept and becomes the one to fall back to; a bad one puts the last good
+    # value back in the box and says why.
+    assert refuse(12, 150) == (gr.skip(), 12, gr.skip())
+    for bad, problem in ((10**9, "between 1 and 48, got 1000000000"),
+                         (0, "between 1 and 48, got 0"), (2.5, "a whole number, got 2.5"),
+                         (None, "a number, got None")):
+        box, fallback, note = refuse(bad, 12)
+        assert (box, fallback) == (12, gr.skip())
+        assert f"max new tokens must be {problem}" in note and "kept 12" in note
+    box, _, note = steer.refusing(inputs.strength)(-15, 4.0)
+    assert box == 4.0 and "strength must be between -10 and 10, got -15; kept 4" in note
+
+
+def test_a_malformed_code_typed_as_a_chip_is_refused_with_generations_message(loaded):
+    from app.tabs import steer
+
+    good = "0:attn_heads:0:1"
+    for bad in ("abc", "99:attn_heads:0:1", "0:attn_heads:9:1", "0:attn_heads:0:99"):
+        with pytest.raises(InputError) as generation:
+            inputs.steering(loaded, [good, bad], 1.0, "add", "all")
+        kept, note = steer.checked_chips(loaded, [good, bad])
+        assert kept == [good] and str(generation.value) in note
+    # Good chips pass untouched (no update), other spellings become the canonical one.
+    assert steer.checked_chips(loaded, [good]) == ([good], None)
+    assert steer.checked_chips(loaded, ["L0.attn_heads.H1.C2", good, good]) == (
+        ["0:attn_heads:1:2", good], None)
+    five = [f"0:attn_heads:0:{c}" for c in range(5)]
+    kept, note = steer.checked_chips(loaded, five)
+    assert kept == five[:4] and "only k=4 can be active" in note
+
+
+def test_messages_show_the_models_name_and_files_base_names_never_server_paths(loaded, tmp_path):
+    import gradio as gr
+
+    from app import errors, exporting, model_info
+    from app.ui import model_line
+
+    directory = str(loaded.directory)
+    assert loaded.label == loaded.directory.name and directory not in loaded.label
+    for text in (model_line(loaded), model_info.facts(loaded)):
+        assert loaded.label in text and directory not in text
+    stub = LoadedModel.__new__(LoadedModel)
+    stub.name, stub.directory = directory, tmp_path  # a directory without a model card
+    assert str(tmp_path) not in model_info.card(stub)
+    # Whatever a library puts in a message, a visitor sees file names, not where they are.
+    message = errors.public(f"cannot load {directory!r}: /root/.cache/hub/models--a--b/"
+                            "snapshots/c1/config.json is missing; see ~/work/notes.txt")
+    assert "/root" not in message and directory not in message and "~/work" not in message
+    assert "config.json is missing" in message and loaded.label in message
+
+    @errors.shown
+    def failing():
+        raise InputError(f"wrote {tmp_path}/exports/abc/bundle")
+
+    with pytest.raises(gr.Error) as raised:
+        failing()
+    assert str(tmp_path) not in str(raised.value) and "bundle" in str(raised.value)
+    # The export's progress steps name the step, not the folders cbexport logs.
+    for line in (f"loaded {directory}", "exporting ONNX", "tracing TorchScript",
+                 "verifying (quick)", f"wrote {tmp_path}/codebook-app-x/exports/k/bundle"):
+        step = exporting.progress_step(line)
+        assert step is not None and "/" not in step[1], (line, step)
+    assert exporting.progress_step("some other line") is None
+
+
+def test_the_start_model_loads_by_its_shown_name(loaded):
+    registry = ModelRegistry(Settings(model=str(loaded.directory)))
+    start = registry.start_model()
+    assert registry.load_for_visitor(start.label) is start
+    assert registry.load_for_visitor(f" {start.label} ") is start

@@ -116,9 +116,10 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
     @shown
     def show_code(site_now: str, head_now, code_now, model_name: str):
         loaded = ctx.model(model_name)
-        layer, _, site_name = str(site_now or "").partition(":")
+        layer, _, site_name = inputs.text(site_now, "layer and site").partition(":")
         if not layer.isdigit() or not site_name:
-            raise inputs.InputError(f"choose a layer and site, got {site_now!r}")
+            raise inputs.InputError(f"layer and site must be LAYER:SITE, e.g. "
+                                    f"{site_choices(loaded)[0][1]}; got {site_now!r}")
         ref = CodeRef(int(layer), site_name, inputs.integer(head_now, "head", 0, 10**6),
                       inputs.integer(code_now, "code", 0, 10**9))
         details = code_details(loaded, ref)
@@ -126,7 +127,7 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
                 gr.update(visible=True), str(ref))
 
     gr.on([show.click, code.submit], show_code, [site, head, code, ctx.model_state],
-          [summary, contexts, steer_with, current], api_name="code")
+          [summary, contexts, steer_with, current], api_name="code", preprocess=False)
 
     @shown
     def search_codes(pattern: str, model_name: str):
@@ -138,7 +139,7 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
         return frame, note + ". Click a row to open the code."
 
     gr.on([search.click, regex.submit], search_codes, [regex, ctx.model_state],
-          [table, search_summary], api_name="search_codes")
+          [table, search_summary], api_name="search_codes", preprocess=False)
 
     def open_row(evt: gr.SelectData):
         row = evt.row_value or []
@@ -150,6 +151,6 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
 
     table.select(open_row, None, [site, head, code], api_visibility="private").then(
         show_code, [site, head, code, ctx.model_state], [summary, contexts, steer_with, current],
-        api_visibility="private")
+        api_visibility="private", preprocess=False)
 
     return CodesTab(site, head, code, index_note, steer_with, current)

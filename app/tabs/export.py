@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app import inputs
 from app.errors import shown
 from app.exporting import parse_formats, usage_snippet
 from app.tabs import AppContext
@@ -14,9 +15,10 @@ from app.tabs.steer import SteerTab
 FORMAT_CHOICES = [("ONNX", "onnx"), ("TorchScript", "torchscript"), ("Both", "both")]
 
 
-def verification_markdown(report: dict, cached: bool) -> str:
+def verification_markdown(report: dict, cached: bool, file_name: str = "") -> str:
     verdict = "passed" if report.get("passed") else "FAILED"
-    lines = [f"**Verification {verdict}** against the torch model"
+    lines = [(f"`{file_name}`: " if file_name else "")
+             + f"**Verification {verdict}** against the torch model"
              + (" (bundle from the cache)." if cached else ".")]
     for check in report.get("checks", []):
         # Words, not emoji: a browser without an emoji font shows boxes.
@@ -47,18 +49,24 @@ def build(ctx: AppContext, steer: SteerTab) -> None:
 
     # No @gpu: cbexport exports a float32 copy of the model on the CPU. gr.Progress() as a
     # default argument is how Gradio injects its progress tracker.
+    # Plain values for API clients (the file, the report, the snippet); the browser then shows
+    # the download button and the snippet.
     @shown
     def export(choice, full_now, model_name, codes, progress=gr.Progress()):  # noqa: B008
         loaded = ctx.model(model_name)
         chosen = parse_formats(choice)
+        full_verify = inputs.flag(full_now, "full verification")
+        codes = inputs.code_list(codes)
         progress(0.02, desc="starting the export")
-        result = ctx.exports.build(loaded, chosen, bool(full_now),
+        result = ctx.exports.build(loaded, chosen, full_verify,
                                    lambda fraction, message: progress(fraction, desc=message))
-        return (gr.update(value=str(result.zip_path), visible=True,
-                          label=f"Download {result.zip_path.name}"),
-                verification_markdown(result.verification, result.cached),
-                gr.update(value=usage_snippet(result, list(codes or [])), visible=True))
+        return (str(result.zip_path),
+                verification_markdown(result.verification, result.cached, result.zip_path.name),
+                usage_snippet(result, codes))
 
     build_button.click(export, [formats, full, ctx.model_state, steer.codes],
                        [download, report, snippet], api_name="export", concurrency_limit=1,
-                       concurrency_id="export", show_progress_on=report)
+                       concurrency_id="export", show_progress_on=report,
+                       preprocess=False).success(
+        lambda: (gr.update(visible=True), gr.update(visible=True)), None, [download, snippet],
+        api_visibility="private", show_progress="hidden")

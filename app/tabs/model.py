@@ -23,17 +23,20 @@ class ModelTab:
     card: gr.Markdown
 
 
-def updates(ctx: AppContext, loaded: LoadedModel) -> list:
-    """Updates of the tab's ``facts``, each plot and ``card`` for a newly loaded model."""
+def texts(loaded: LoadedModel) -> list[str]:
+    """The tab's ``facts`` and ``card`` for a newly loaded model."""
+    return [model_info.facts(loaded), model_info.card(loaded)]
+
+
+def plot_updates(ctx: AppContext, loaded: LoadedModel) -> list:
+    """Each plot of a newly loaded model, shown only if the model has it."""
     plots = model_info.plots(loaded, ctx.workdir / "plots")
-    return [model_info.facts(loaded),
-            *(gr.update(value=path, visible=path is not None) for path in plots.values()),
-            model_info.card(loaded)]
+    return [gr.update(value=path, visible=path is not None) for path in plots.values()]
 
 
 def build(ctx: AppContext, start: LoadedModel) -> ModelTab:
     with gr.Row(equal_height=False):
-        name = gr.Textbox(start.name, label="Model",
+        name = gr.Textbox(start.label, label="Model",
                           info="'default', or a Hub repo id: owner/name or owner/name@revision",
                           scale=4)
         load = gr.Button("Load", variant="primary", scale=1, min_width=90)

@@ -1,6 +1,12 @@
 """The Steer tab, the first thing a visitor sees: a prompt, topic presets, a steering set of codes
 (removable chips, strength, mode, positions, shareable as JSON), a topic search that finds codes
-for any word, and the unsteered and steered continuations streamed side by side."""
+for any word, and the unsteered and steered continuations streamed side by side.
+
+What a visitor types is checked where it is typed: a code chip the model does not have is taken
+off again, and a number outside its box's range (the range the server runs) is put back to the
+last good value, each with a notice saying why. Every event an API client can call takes its
+arguments unprocessed (``preprocess=False``) so that the app's own checks, which name the
+argument, answer a bad one, and returns plain values of the types ``view_api`` declares."""
 
 from __future__ import annotations
 
@@ -13,12 +19,13 @@ import pandas as pd
 
 from app import highlight, inputs
 from app.analysis import has_index, index_summary, topic_search
-from app.errors import shown
+from app.errors import shown, warn
 from app.generation import continuation_text, side_by_side
 from app.gpu import gpu
 from app.inputs import InputError
 from app.models import LoadedModel
 from app.tabs import AppContext
+from codebook.steering import CodeRef
 from codebook.topics import preset_steering
 
 MAX_TOPIC_BUTTONS = 12
@@ -39,14 +46,14 @@ class SteerTab:
     hint: gr.Markdown
     topic_buttons: list[gr.Button]
     codes: gr.Dropdown
-    strength: gr.Slider
+    strength: gr.Number
     mode: gr.Radio
     positions: gr.Radio
     highlight: gr.Textbox
     seed: gr.Number
     random_seed: gr.Checkbox
     temperature: gr.Slider
-    max_tokens: gr.Slider
+    max_tokens: gr.Number
     unsteered: gr.HTML
     steered: gr.HTML
     status: gr.Markdown
@@ -56,10 +63,65 @@ class SteerTab:
     last: gr.State  # the last generation's token ids, for the Token view
 
 
-def chips(codes: list[str]) -> dict:
-    """An update showing ``codes`` as the steering set's chips (the dropdown only sends back
-    values that are among its choices)."""
-    return gr.update(choices=list(codes), value=list(codes))
+def chips(codes: list[str]) -> list[str]:
+    """``codes`` as the steering set's chips: a plain list (the code box takes values that are
+    not among its choices, ``allow_custom_value``), which is what API clients get too."""
+    return list(codes)
+
+
+def checked_chips(loaded: LoadedModel, codes) -> tuple[list[str], str | None]:
+    """The chips that may stay in the steering set, each written ``LAYER:SITE:HEAD:CODE`` once,
+    and why the others were taken off (the message generation would give), or ``None``."""
+    kept: list[str] = []
+    problems: list[str] = []
+    for code in inputs.code_list(codes):
+        try:
+            inputs.steering(loaded, kept + [code], 1.0, "add", "all")
+        except InputError as err:
+            problems.append(str(err))
+            continue
+        canonical = str(CodeRef.parse(code))
+        if canonical not in kept:
+            kept.append(canonical)
+    return kept, "; ".join(problems) or None
+
+
+def refusing(check):
+    """An event handler for a number box (value, last good value) → (box, last good value,
+    status): a value ``check`` accepts becomes the last good one; any other is refused with a
+    notice and the box shows the last good value again, so the box always holds what will run."""
+
+    def handler(value, before):
+        try:
+            check(value)
+        except InputError as err:
+            try:
+                check(before)
+            except InputError:
+                before = None
+            kept = "" if before is None else f"; kept {inputs.shown_number(before)}"
+            note = warn(f"{err}{kept}")
+            return (gr.skip() if before is None else before), gr.skip(), f"**Not changed**: {note}."
+        return gr.skip(), value, gr.skip()
+
+    return handler
+
+
+def guard(box: gr.Number, check, status: gr.Markdown) -> None:
+    """Refuse values outside ``box``'s range where they are typed (see :func:`refusing`): the
+    value when the box gains focus is the one to go back to."""
+    before = gr.State(box.value)
+    box.focus(lambda value: value, box, before, preprocess=False, api_visibility="private",
+              show_progress="hidden")
+    gr.on([box.blur, box.submit], refusing(check), [box, before], [box, before, status],
+          preprocess=False, api_visibility="private", show_progress="hidden")
+
+
+def code_box_api_info() -> dict:
+    """What ``view_api`` says the code box takes and gives: a list of codes as text (its choices
+    are empty, so Gradio would declare a list of none of them)."""
+    return {"type": "array", "items": {"type": "string"},
+            "description": "codes written LAYER:SITE:HEAD:CODE, e.g. 3:attn_heads:2:117"}
 
 
 def with_code(codes: list[str] | None, code: str) -> list[str]:
@@ -113,6 +175,19 @@ def steering_json(codes, strength, mode, positions) -> str:
                        "positions": positions})
 
 
+def synced_json(codes, strength, mode, positions):
+    """:func:`steering_json` of the set as it is now, or no change while a part of it is not
+    valid (a number being typed): the shared JSON only ever holds a set that would run."""
+    try:
+        codes = inputs.code_list(codes)
+        strength = inputs.strength(strength)
+        inputs.choice(mode, "mode", [value for _, value in MODES])
+        inputs.choice(positions, "positions", [value for _, value in POSITIONS])
+    except InputError:
+        return gr.skip()
+    return steering_json(codes, strength, mode, positions)
+
+
 def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
     settings = ctx.settings
     prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt: the beginning of a story", lines=2,
@@ -149,14 +224,19 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                                 info="3:attn_heads:2:117 is code 117 of head 2's codebook in "
                                      "layer 3. Add codes from a topic or the search, click × "
                                      "to remove one, or type one and press Enter.")
-            strength = gr.Slider(0, 10, value=1.0, step=0.1, label="Strength",
-                                 info="Multiplies the switched-on codes' vectors: higher "
-                                      "steers harder, too high garbles the text")
+            codes.api_info = code_box_api_info  # for view_api; Gradio reads it per instance
+            low, high = inputs.STRENGTH_RANGE
+            # A number box, not a slider: a Gradio slider clamps a typed value to its ends
+            # when the box loses focus, silently; this box refuses it with a notice instead.
+            strength = gr.Number(1.0, label="Strength", minimum=low, maximum=high, step=0.1,
+                                 info=f"Multiplies the switched-on codes' vectors, from "
+                                      f"{low:g} to {high:g}: higher steers harder, too high "
+                                      "garbles the text; negative steers away")
             mode = gr.Radio(MODES, value="add", label="Mode")
             positions = gr.Radio(POSITIONS, value="all", label="Steer at")
             with gr.Accordion("Share: the steering set as JSON", open=False):
                 json_box = gr.Textbox(steering_json([], 1.0, "add", "all"), show_label=False,
-                                      lines=3, buttons=["copy"],
+                                      lines=3, buttons=["copy"], elem_id="steering-json",
                                       info="Copy it, or paste one and press Apply")
                 apply_json = gr.Button("Apply pasted JSON", size="sm")
         with gr.Column(scale=1):
@@ -175,11 +255,11 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=inputs.MAX_SEED)
             random_seed = gr.Checkbox(True, label="New random seed each time",
                                       info="The seed used is written back, to reproduce a pair")
-            temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature",
-                                    info="0 is greedy")
-            max_tokens = gr.Slider(1, settings.max_new_tokens,
-                                   value=min(150, settings.max_new_tokens), step=1,
-                                   label="Max new tokens")
+            temperature = gr.Slider(0, inputs.MAX_TEMPERATURE, value=0.8, step=0.05,
+                                    label="Temperature", info="0 is greedy")
+            max_tokens = gr.Number(min(150, settings.max_new_tokens), label="Max new tokens",
+                                   precision=0, minimum=1, maximum=settings.max_new_tokens,
+                                   step=1, info=f"1 to {settings.max_new_tokens}")
         highlight_box = gr.Textbox(label="Highlight words matching (regex)",
                                    placeholder="set by a topic or a search")
     last = gr.State(None)
@@ -187,12 +267,18 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
     @shown
     def apply_topic(topic: str, model_name: str):
         loaded = ctx.model(model_name)
-        if topic not in loaded.topics:
+        if inputs.text(topic, "topic") not in loaded.topics:
             known = ", ".join(loaded.topics) or "none"
             raise InputError(f"no topic preset {topic!r}; this model's presets: {known}")
         preset = loaded.topics[topic]
         steering = preset_steering(preset)
         codes_now = [str(c) for c in steering.codes]
+        # A preset is held to the ranges a visitor is (its strength within STRENGTH_RANGE).
+        try:
+            inputs.steering(loaded, codes_now, steering.strength, steering.mode,
+                            steering.positions)
+        except InputError as err:
+            raise InputError(f"the preset {topic!r} cannot be applied: {err}") from None
         note = (f"Steering toward **{topic}**: {len(codes_now)} codes switched on. "
                 f"{measured(preset)}Press **Generate**.")
         return (chips(codes_now), steering.strength, steering.mode, steering.positions,
@@ -205,7 +291,7 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
     # The same for API clients, by topic name.
     topic_name = gr.Textbox(visible=False)
     gr.Button(visible=False).click(apply_topic, [topic_name, ctx.model_state], preset_outputs,
-                                   api_name="topic")
+                                   api_name="topic", preprocess=False)
 
     @gpu()
     @shown
@@ -216,21 +302,33 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         ids = inputs.prompt_ids(loaded, prompt_text, settings.max_prompt_chars, max_new)
         steering = inputs.steering(loaded, codes_now, strength_now, mode_now, positions_now)
         temperature_value = inputs.temperature(temperature_now)
-        used_seed = inputs.seed(seed_now, bool(random_now))
+        used_seed = inputs.seed(seed_now, random_now)
         # Marking runs between forward passes, never while holding the model's lock.
-        marker = highlight.Highlighter(highlight_now)
+        marker = highlight.Highlighter(inputs.text(highlight_now, "highlight"))
         pair = ([], [])
         sent = 0.0
 
-        def view(tokens):
-            return marker.story_html(prompt_text, continuation_text(loaded, ids, tokens))
+        def plain(tokens_pair, done: bool) -> dict:
+            """The texts so far, for API clients (the hidden JSON output)."""
+            return {"unsteered": continuation_text(loaded, ids, tokens_pair[0]),
+                    "steered": continuation_text(loaded, ids, tokens_pair[1]),
+                    "tokens": [len(tokens_pair[0]), len(tokens_pair[1])], "seed": used_seed,
+                    "temperature": temperature_value,
+                    "steering": steering.to_dict() if steering else None, "done": done}
 
+        # Every update carries a value for each output an API client sees (no gr.skip()).
         for pair in side_by_side(loaded, ids, steering, used_seed, temperature_value, max_new):
             if time.monotonic() - sent >= STREAM_INTERVAL:
                 sent = time.monotonic()
-                yield view(pair[0]), view(pair[1]), used_seed, gr.skip(), gr.skip(), gr.skip()
-        texts = [continuation_text(loaded, ids, tokens) for tokens in pair]
-        stories = view(pair[0]), view(pair[1])
+                partial = plain(pair, done=False)
+                yield (marker.story_html(prompt_text, partial["unsteered"]),
+                       marker.story_html(prompt_text, partial["steered"]), used_seed,
+                       f"Writing: {len(pair[0])} and {len(pair[1])} new tokens…", partial,
+                       gr.skip())
+        texts_out = plain(pair, done=True)
+        texts = [texts_out["unsteered"], texts_out["steered"]]
+        stories = (marker.story_html(prompt_text, texts[0]),
+                   marker.story_html(prompt_text, texts[1]))
         note = (f"Seed {used_seed}, temperature {temperature_value:g}: "
                 f"{len(pair[0])} and {len(pair[1])} new tokens.")
         if steering is None:
@@ -243,17 +341,13 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
             note += f" Topic words are not marked: {marker.problem}."
         last_run = {"prompt": prompt_text, "prompt_ids": ids, "tokens": [list(t) for t in pair],
                     "steering": steering.to_json() if steering else None}
-        texts_out = {"unsteered": texts[0], "steered": texts[1],
-                     "tokens": [len(pair[0]), len(pair[1])], "seed": used_seed,
-                     "temperature": temperature_value,
-                     "steering": steering.to_dict() if steering else None}
         yield *stories, used_seed, note, texts_out, last_run
 
     gr.on([generate.click, prompt.submit], run,
           [ctx.model_state, prompt, codes, strength, mode, positions, seed, random_seed,
            temperature, max_tokens, highlight_box],
           [unsteered, steered, seed, status, result, last], api_name="generate",
-          concurrency_limit=settings.concurrency, concurrency_id="generate")
+          concurrency_limit=settings.concurrency, concurrency_id="generate", preprocess=False)
 
     @shown
     def find(query: str, model_name: str):
@@ -266,7 +360,8 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         return table, summary + ". Click a row to add its code.", pattern
 
     gr.on([search.click, search_box.submit], find, [search_box, ctx.model_state],
-          [search_table, search_summary, highlight_box], api_name="search_topics")
+          [search_table, search_summary, highlight_box], api_name="search_topics",
+          preprocess=False)
 
     def add_row(codes_now, evt: gr.SelectData):
         row = evt.row_value or []
@@ -281,16 +376,36 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     set_parts = [codes, strength, mode, positions]
     for part in set_parts:
-        part.change(steering_json, set_parts, json_box, api_visibility="private")
+        part.change(synced_json, set_parts, json_box, api_visibility="private", preprocess=False,
+                    show_progress="hidden")
+
+    def check_codes(codes_now, model_name: str):
+        """Take off the chips generation would refuse (a typed code the model does not have,
+        one too many for a head), saying why; chips set by a topic or a search pass."""
+        try:
+            kept, problem = checked_chips(ctx.model(model_name), codes_now)
+        except InputError as err:  # not a list at all
+            return gr.skip(), f"**Not added**: {warn(str(err))}"
+        if problem is None:
+            return (gr.skip() if kept == codes_now else kept), gr.skip()
+        return kept, f"**Not added**: {warn(problem)}"
+
+    codes.change(check_codes, [codes, ctx.model_state], [codes, status], preprocess=False,
+                 api_visibility="private", show_progress="hidden")
+    guard(strength, inputs.strength, status)
+    guard(max_tokens, lambda value: inputs.max_new_tokens(value, settings.max_new_tokens),
+          status)
+    guard(seed, lambda value: inputs.integer(value, "seed", 0, inputs.MAX_SEED), status)
 
     @shown
-    def import_json(text: str, model_name: str):
-        steering = inputs.steering_json(ctx.model(model_name), text)
+    def import_json(shared: str, model_name: str):
+        steering = inputs.steering_json(ctx.model(model_name), shared)
         return (chips([str(c) for c in steering.codes]), steering.strength, steering.mode,
                 steering.positions, f"Applied a steering set of {len(steering.codes)} codes.")
 
     apply_json.click(import_json, [json_box, ctx.model_state],
-                     [codes, strength, mode, positions, status], api_name="import_steering")
+                     [codes, strength, mode, positions, status], api_name="import_steering",
+                     preprocess=False)
 
     return SteerTab(prompt, hint, buttons, codes, strength, mode, positions, highlight_box, seed,
                     random_seed, temperature, max_tokens, unsteered, steered, status,

@@ -63,8 +63,10 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
     def show_tokens(text_now: str, choice: str, model_name: str, codes, strength, mode,
                     positions, prompt: str, source_now: dict | None):
         loaded = ctx.model(model_name)
-        if not isinstance(text_now, str) or not text_now.strip():
+        if not inputs.text(text_now, "the text").strip():
             raise inputs.InputError("the text is empty: generate a story or type some text")
+        inputs.choice(choice, "steering", [value for _, value in STEERING_CHOICES])
+        prompt = inputs.text(prompt, "the prompt")
         if len(text_now) > ctx.settings.max_prompt_chars * 4:
             raise inputs.InputError(f"the text has {len(text_now):,} characters; the limit is "
                                     f"{ctx.settings.max_prompt_chars * 4:,}")
@@ -79,12 +81,12 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
         if len(ids) > limit:
             raise inputs.InputError(f"the text has {len(ids)} tokens; this view shows at most "
                                     f"{limit}")
-        steering = None
-        if choice == "on":
-            steering = inputs.steering(loaded, codes, strength, mode, positions)
-            if steering is None:
-                raise inputs.InputError("the steering set is empty: choose codes on the Steer "
-                                        "tab, or set Steering to off")
+        steering = inputs.steering(loaded, codes, strength, mode, positions)
+        if choice == "off":
+            steering = None
+        elif steering is None:
+            raise inputs.InputError("the steering set is empty: choose codes on the Steer "
+                                    "tab, or set Steering to off")
         result = token_codes(loaded, ids, prompt_length, steering)
         note = f"{len(ids)} tokens. Click one to see its codes."
         return token_segments(result), note, pd.DataFrame(columns=HEADERS), result
@@ -92,7 +94,8 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
     token_inputs = [text, steering_choice, ctx.model_state, steer.codes, steer.strength,
                     steer.mode, steer.positions, steer.prompt, source]
     token_outputs = [tokens, selected, table, view]
-    gr.on([show.click, text.submit], show_tokens, token_inputs, token_outputs, api_name="tokens")
+    gr.on([show.click, text.submit], show_tokens, token_inputs, token_outputs, api_name="tokens",
+          preprocess=False)
 
     def pick(view_now: TokenCodes | None, evt: gr.SelectData):
         if view_now is None or not isinstance(evt.index, int):
@@ -120,8 +123,8 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
             codes = [str(c) for c in steering.codes] if steering else gr.skip()
             set_parts = ([steering.strength, steering.mode, steering.positions] if steering
                          else [gr.skip()] * 3)
-            return (story, "on" if steered else "off", opened, gr.Tabs(selected=TAB_ID),
-                    gr.update(choices=codes, value=codes) if steering else codes, *set_parts)
+            return (story, "on" if steered else "off", opened, gr.Tabs(selected=TAB_ID), codes,
+                    *set_parts)
 
         return opener
 
@@ -131,7 +134,7 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
         button.click(open_story(side), [steer.last, ctx.model_state],
                      [text, steering_choice, source, tabs, steer.codes, steer.strength,
                       steer.mode, steer.positions], api_visibility="private").then(
-            show_tokens, token_inputs, token_outputs, api_visibility="private")
+            show_tokens, token_inputs, token_outputs, api_visibility="private", preprocess=False)
 
     return TokensTab(text)
 
