@@ -27,7 +27,7 @@ from training.config import FinetuneConfig  # noqa: E402
 from training.presets import PRESETS  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared"
-DEFAULT = PRESETS["default"]
+DEFAULT = PRESETS["stories260k"]
 CODEBOOK_OPTIONS = {"sites": DEFAULT["sites"], "num_codes": DEFAULT["num_codes"],
                     "k": DEFAULT["k"]}
 

@@ -74,7 +74,7 @@ def resolve_model_dir(
         if not (DEFAULT_MODEL_DIR / "codebook_config.json").is_file():
             raise FileNotFoundError(
                 f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; "
-                "reproduce it with: python -m training finetune --preset default"
+                "reproduce it with: python -m training build-default"
             )
         return DEFAULT_MODEL_DIR
     path = Path(name).expanduser()

@@ -197,7 +197,7 @@ def test_runs_of_one_preset_with_different_outputs_keep_their_own_checkpoints(tm
     monkeypatch.setattr(cli, "preset", lambda name: dict(PRESETS[name]))  # needs no ../shared
 
     def config_for(*options):
-        args = cli.build_parser().parse_args(["finetune", "--preset", "default", *options])
+        args = cli.build_parser().parse_args(["finetune", "--preset", "stories260k", *options])
         return cli.finetune_config(args)
 
     first = config_for("--output", "run-a")

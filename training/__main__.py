@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Finetune a base model with codebooks. Options not given come from "
                     "--preset, or with --resume from the run's saved recipe, or defaults.")
     finetune.add_argument("--preset", choices=sorted(PRESETS),
-                          help="a named recipe (default: the embedded default model)")
+                          help="a named recipe (stories260k: the first releases' default model)")
     _add_config_options(finetune)
 
     pretrain = commands.add_parser(

@@ -79,6 +79,7 @@ class BuildConfig:
     block_size: int = 256
     batch_size: int = 16
     progress: bool = True
+    card_notes: str | None = "training/default_model_notes.md"  # appended to the shipped card
 
     @property
     def work_dir(self) -> Path:
@@ -239,6 +240,10 @@ def build_default(build: BuildConfig) -> Path | None:
     for name in SHIPPED_FILES:
         if (model / name).is_file():
             shutil.copy2(model / name, output / name)
+    if build.card_notes and Path(build.card_notes).is_file():
+        from training.report import write_model_card
+
+        write_model_card(output, build.card_notes)
     print(f"[ship] copied the model to {output}", flush=True)
     return output
 

@@ -1,4 +1,6 @@
-"""Named recipes. ``default`` reproduces the embedded default model from ``../shared``.
+"""Named finetuning recipes. ``stories260k`` is the embedded default model of the project's first
+releases (stories260K with codebooks); today's default model is made by ``python -m training
+build-default`` (training/build.py).
 
 Paths are relative to the repository root, where ``python -m training`` runs.
 """
@@ -12,16 +14,16 @@ TINYSTORIES = f"{SHARED}/data/tinystories"
 
 PRESETS: dict[str, dict] = {
     # Karpathy's stories260K (pretrained on all of TinyStories) with a codebook on every
-    # attention head of every layer; see codebook/default_model/README.md for the measurements
-    # behind each choice.
-    "default": {
+    # attention head of every layer; training/stories260k_notes.md has the measurements behind
+    # each choice.
+    "stories260k": {
         "base": f"llama2c:{SHARED}/models/stories260K/stories260K.bin",
         "data": [f"{TINYSTORIES}/tinystories_v1_train_prefix_2MiB.txt",
                  f"{TINYSTORIES}/tinystories_v2_train_prefix_10k_lines.txt"],
         # Checkpoints go under the run's output (OUTPUT/checkpoints, git-ignored here), so a run
         # with another --output never meets this one's checkpoints.
-        "output": "codebook/default_model",
-        "card_notes": "training/default_model_notes.md",
+        "output": "runs/stories260k",
+        "card_notes": "training/stories260k_notes.md",
         "val_fraction": 0.05,
         "block_size": 256,
         "sites": ["attn_heads"],
