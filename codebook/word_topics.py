@@ -128,6 +128,11 @@ class WordTopics:
             hits[np.ix_(ids, used)] += after  # ids and used hold no repeats
             context[ids] += len(tokens) - positions - 1
             present[ids] += 1
+        # Keep the words found in enough documents as the model read them (cut to its context
+        # length), which can be fewer than in the raw text.
+        kept = np.nonzero(present >= min_documents)[0]
+        words = [words[i] for i in kept]
+        hits, context, present = hits[kept], context[kept], present[kept]
         chance = context / max(num_tokens, 1)
         precision = (hits + prior * chance[:, None]) / (counts[None, :] + prior)
         precision[:, counts == 0] = -1.0  # a code that never fired says nothing

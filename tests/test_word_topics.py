@@ -74,3 +74,22 @@ def test_rare_or_unknown_words_are_refused_with_the_reason(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(Exception, match="bad.safetensors|header|deserializ"):
         WordTopics.load(tmp_path / "bad.safetensors")
+
+
+def test_topic_search_on_the_shipped_model_needs_no_data(capsys):
+    import json
+
+    from codebook.__main__ import main
+    from codebook.hub import DEFAULT_MODEL_DIR
+    from codebook.word_topics import WORD_TOPICS_NAME
+
+    stats = WordTopics.load(DEFAULT_MODEL_DIR / WORD_TOPICS_NAME)
+    assert stats.documents.min() >= 20 and stats.info["min_documents"] == 20
+    assert {"rain", "fish", "cake", "snow", "boat", "dragon"} <= set(stats.words)
+    assert main(["topics", "--model", "default", "--topic", "snow", "--json", "--threads", "1",
+                 "--no-progress"]) == 0
+    found = json.loads(capsys.readouterr().out)["snow"]
+    assert found["topic_documents"] >= 20 and len(found["selected"]) == 8
+    assert found["codes"][0]["name"] == str(stats.result("snow").codes[0].ref)
+    with pytest.raises(ValueError, match="no word of at least 20"):
+        stats.result("zyzzyva")
