@@ -71,6 +71,7 @@ def tiny_teacher():
     return model
 
 
+@pytest.mark.slow
 def test_synthesis_is_deterministic_for_a_seed_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr("training.synthesize.MIN_WORDS", 1)
     teacher = tiny_teacher()
