@@ -1,7 +1,10 @@
-"""Where the codebook sites are in each supported Hugging Face causal-LM family.
+"""Everything that varies between the supported Hugging Face causal-LM families, one record each.
 
 We never copy a model's forward pass: each site is reached with a hook on a real module, so a new
-transformers release only breaks us if it renames a module, and then only this table changes.
+transformers release only breaks us if it renames a module, and then only this table changes. The
+same record names the final norm that promoted tokens read through (:mod:`codebook.promote`) and,
+for the families the paper's original library supported, how that library names them
+(:mod:`codebook.original`).
 """
 
 from __future__ import annotations
@@ -12,32 +15,50 @@ from torch import nn
 
 
 @dataclasses.dataclass(frozen=True)
+class OriginalNames:
+    """How the paper's original library (``codebook-features`` 0.1.2) names a family."""
+
+    model_class: str  # its model class: the first entry of ``architectures`` in its config.json
+    # The modules it wraps, from each layer (its ``.module_layer`` segments dropped): the attention
+    # module holds the ``attn`` / ``attn_preproj`` codebook_layer, the MLP the ``mlp`` one.
+    attention: str
+    mlp: str = "mlp"
+
+
+@dataclasses.dataclass(frozen=True)
 class Architecture:
-    """Module paths of one family (dotted, from the causal-LM model / from each layer)."""
+    """One family: module paths (dotted, from the causal-LM model / from each layer) and names."""
 
     name: str
     layers: str  # the ModuleList of transformer blocks
     attn_out_proj: str  # the attention output projection; its input is the per-head outputs
     mlp: str
     num_heads_attr: str
+    final_norm: str  # the norm before the unembedding, from the causal-LM model
+    original: OriginalNames | None = None  # None: the original library did not support it
 
 
 ARCHITECTURES = {
-    "gpt2": Architecture("GPT-2", "transformer.h", "attn.c_proj", "mlp", "n_head"),
+    "gpt2": Architecture(
+        "GPT-2", "transformer.h", "attn.c_proj", "mlp", "n_head", "transformer.ln_f",
+        OriginalNames("GPT2CodebookModel", "attn"),
+    ),
     "gpt_neo": Architecture(
-        "GPT-Neo", "transformer.h", "attn.attention.out_proj", "mlp", "num_heads"
+        "GPT-Neo", "transformer.h", "attn.attention.out_proj", "mlp", "num_heads",
+        "transformer.ln_f", OriginalNames("GPTNeoCodebookModel", "attn.attention"),
     ),
     "gpt_neox": Architecture(
-        "GPT-NeoX", "gpt_neox.layers", "attention.dense", "mlp", "num_attention_heads"
+        "GPT-NeoX", "gpt_neox.layers", "attention.dense", "mlp", "num_attention_heads",
+        "gpt_neox.final_layer_norm", OriginalNames("GPTNeoXCodebookModel", "attention"),
     ),
     "llama": Architecture(
-        "Llama", "model.layers", "self_attn.o_proj", "mlp", "num_attention_heads"
+        "Llama", "model.layers", "self_attn.o_proj", "mlp", "num_attention_heads", "model.norm"
     ),
     "mistral": Architecture(
-        "Mistral", "model.layers", "self_attn.o_proj", "mlp", "num_attention_heads"
+        "Mistral", "model.layers", "self_attn.o_proj", "mlp", "num_attention_heads", "model.norm"
     ),
     "qwen2": Architecture(
-        "Qwen2", "model.layers", "self_attn.o_proj", "mlp", "num_attention_heads"
+        "Qwen2", "model.layers", "self_attn.o_proj", "mlp", "num_attention_heads", "model.norm"
     ),
 }
 

@@ -61,13 +61,11 @@ SIMILARITIES = {"inner_product": "cosine", "euclidean": "euclidean"}
 
 # Their model class (``architectures`` in config.json) → the base model's ``model_type``.
 FAMILIES = {
-    "GPT2CodebookModel": "gpt2",
-    "GPTNeoCodebookModel": "gpt_neo",
-    "GPTNeoXCodebookModel": "gpt_neox",
+    arch.original.model_class: model_type
+    for model_type, arch in ARCHITECTURES.items() if arch.original is not None
 }
-# Where each of their sites keeps its ``codebook_layer``, relative to a transformer block, once
-# the library's ``.module_layer`` wrapper segments are dropped from the state-dict keys.
-_ATTENTION = {"gpt2": "attn", "gpt_neo": "attn.attention", "gpt_neox": "attention"}
+# Which of the family's wrapped modules (see ``OriginalNames``) keeps each site's
+# ``codebook_layer``, relative to a transformer block; "" is the block itself.
 _OWNER = {"attn_preproj": "attention", "attn": "attention", "mlp": "mlp", "transformer_block": ""}
 
 # codebook_kwargs that only affect training (dead-code replacement), and the defaults of the
@@ -385,11 +383,12 @@ def _load_codebooks(model: CodebookModel, specs, state: dict[str, Tensor], famil
     """Copy each original codebook (``[C, D]`` + its LayerNorm ``[D]``, ``[D]``) into group ``g``
     of our layer; group ``g`` of an attention site is head ``g``, as in the library's chunks."""
     blocks = model.architecture.layers
+    names = ARCHITECTURES[family].original
     used = set()
     with torch.no_grad():
         for (layer_idx, our_site), layer in model.codebook_layers().items():
             site, kind, groups = next(s for s in specs if SITES[s[0]] == our_site)
-            owner = _ATTENTION[family] if _OWNER[site] == "attention" else _OWNER[site]
+            owner = getattr(names, _OWNER[site]) if _OWNER[site] else ""
             prefix = ".".join(p for p in (blocks, str(layer_idx), owner, "codebook_layer") if p)
             for g in range(groups):
                 leaf = f"{prefix}.codebook.{g}" if kind == "group" else prefix

@@ -16,16 +16,6 @@ from torch import nn
 from codebook.architectures import get_module
 from codebook.steering import CodeRef
 
-# The final norm before the unembedding, per model family (architectures.py lists the rest).
-FINAL_NORMS = {
-    "gpt2": "transformer.ln_f",
-    "gpt_neo": "transformer.ln_f",
-    "gpt_neox": "gpt_neox.final_layer_norm",
-    "llama": "model.norm",
-    "mistral": "model.norm",
-    "qwen2": "model.norm",
-}
-
 
 def _head_projection(proj: nn.Module, head: int, head_dim: int) -> torch.Tensor:
     """``[hidden, head_dim]``: how one head's output enters the residual stream."""
@@ -62,11 +52,8 @@ def promoted_tokens(
 ) -> list[dict]:
     """The ``top`` tokens whose logits code ``ref`` raises most, with the logit contribution;
     tokens are shown by their ``surfaces`` (see :func:`codebook.text.token_surfaces`) if given."""
-    model_type = model.config.model_type
-    if model_type not in FINAL_NORMS:
-        raise ValueError(f"promoted tokens are not available for model type {model_type!r}")
     residual = residual_vector(model, ref)
-    norm = get_module(model.base, FINAL_NORMS[model_type])
+    norm = get_module(model.base, model.architecture.final_norm)
     if getattr(norm, "weight", None) is not None:
         residual = residual * norm.weight.float()
     unembedding = model.base.get_output_embeddings().weight.float()  # [vocab, hidden]

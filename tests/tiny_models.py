@@ -26,6 +26,16 @@ CONFIGS = {
         intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=0,
         eos_token_id=1,
     ),
+    "mistral": lambda: transformers.MistralConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=0,
+        eos_token_id=1,
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=0,
+        eos_token_id=1,
+    ),
 }
 
 FAMILIES = tuple(CONFIGS)
