@@ -72,7 +72,7 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
         def show_model(name: str):
             loaded = ctx.model(name)
             site, head, code = codes.first_code(loaded)
-            return [*model.plot_updates(ctx, loaded), *steer.topic_buttons(loaded),
+            return [*model.plot_updates(ctx, loaded), *steer.topic_buttons(loaded), [],
                     gr.update(choices=codes.site_choices(loaded), value=site), head, code]
 
         gr.on([model_tab.load.click, model_tab.name.submit], load_model, [model_tab.name],
@@ -81,6 +81,6 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
               api_name="load_model", concurrency_limit=1, concurrency_id="load",
               preprocess=False).success(
             show_model, [model_state],
-            [*model_tab.plots, *steer_tab.topic_buttons, codes_tab.site, codes_tab.head,
-             codes_tab.code], api_visibility="private", show_progress="hidden")
+            [*model_tab.plots, *steer_tab.topic_buttons, steer_tab.selected, codes_tab.site,
+             codes_tab.head, codes_tab.code], api_visibility="private", show_progress="hidden")
     return demo

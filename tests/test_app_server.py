@@ -37,6 +37,20 @@ COMMIT = "c" * 40
 PROMPT = "the girl ran to the park"
 
 
+# app.py with every generation step slowed down (before the Steer tab imports the generator).
+SLOW_APP = """
+import runpy, time
+import app.generation as generation
+fast = generation.side_by_side
+def slow(*args, **kwargs):
+    for pair in fast(*args, **kwargs):
+        time.sleep({delay})
+        yield pair
+generation.side_by_side = slow
+runpy.run_path("app.py", run_name="__main__")
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -52,14 +66,19 @@ def build_hub_cache(cache: Path, repo_id: str, source: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_app(model_dir: Path, hub_cache: Path, timeout: float = 180):
-    """``python app.py`` on a free port; yields ``(url, output lines)``, stops it afterwards."""
+def running_app(model_dir: Path, hub_cache: Path, timeout: float = 180, step_delay: float = 0):
+    """``python app.py`` on a free port; yields ``(url, output lines)``, stops it afterwards.
+    ``step_delay`` seconds are slept after every generation step (a generation a browser can
+    stop: the tiny model writes a whole story in a blink)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "CODEBOOK_MODEL": str(model_dir),
            "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(free_port()),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache),
            "CODEBOOK_APP_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS)}
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, text=True,
+    command = [sys.executable, "app.py"]
+    if step_delay:
+        command = [sys.executable, "-c", SLOW_APP.format(delay=step_delay)]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
     ready = threading.Event()
@@ -661,5 +680,91 @@ def test_a_visitor_typing_a_bad_value_is_told_and_nothing_changes(app):
             box.fill("0:attn_heads:0:7")
             box.press("Enter")
             expect(chips).to_have_count(before + 1, timeout=10_000)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_topic_chips_toggle_look_selected_and_clear_unselects_them(app, dragon):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app[0])
+            chip = page.get_by_role("button", name="dragon", exact=True)
+            chips = page.locator("#steering-codes .token")
+            selected = re.compile(r"\bselected\b")
+            expect(chip).not_to_have_class(selected)
+            chip.click()
+            expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+            expect(chips).to_have_count(len(dragon))
+            expect(chip).to_have_class(selected)
+            expect(chip).to_have_class(re.compile(r"\bprimary\b"))
+            chip.click()  # again: off
+            expect(page.get_by_text("Removed dragon")).to_be_visible(timeout=30_000)
+            expect(chips).to_have_count(0)
+            expect(chip).not_to_have_class(selected)
+            chip.click()
+            expect(chip).to_have_class(selected, timeout=30_000)
+            expect(chips).to_have_count(len(dragon))
+            page.get_by_role("button", name="Clear steering").click()
+            expect(page.get_by_text("Steering cleared")).to_be_visible(timeout=30_000)
+            expect(chips).to_have_count(0)
+            expect(chip).not_to_have_class(selected)
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def slow_app(model_dir, tmp_path_factory):
+    with running_app(model_dir, tmp_path_factory.mktemp("hub-slow"), step_delay=0.15) as run:
+        yield run
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_a_visitor_stops_a_generation_and_keeps_the_partial_stories(slow_app):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(slow_app[0])
+            page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
+            page.get_by_role("button", name="dragon", exact=True).click()
+            expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+            # A fixed seed: with a fresh random one a story may end early, the pair with it.
+            page.get_by_text("Sampling", exact=True).click()
+            page.get_by_label("New random seed each time").uncheck()
+            generate = page.get_by_role("button", name="Generate", exact=True)
+            stop = page.get_by_role("button", name="Stop", exact=True)
+            expect(stop).to_be_hidden()
+            generate.click()  # 48 tokens a side at 0.15 s a step: about 7 s
+            expect(stop).to_be_visible(timeout=10_000)
+            expect(generate).to_be_disabled()
+            expect(page.get_by_text("Writing:")).to_be_visible(timeout=30_000)
+            stop.click()
+            expect(page.get_by_text("Stopped")).to_be_visible(timeout=10_000)
+            expect(generate).to_be_enabled()
+            expect(stop).to_be_hidden()
+            stories = page.locator(".story-text")
+            partial = [stories.nth(i).inner_text() for i in range(2)]
+            assert all(s.startswith(PROMPT) and len(s) > len(PROMPT) for s in partial)
+            time.sleep(3)  # the rest of the 7 s: the stories do not grow
+            assert [stories.nth(i).inner_text() for i in range(2)] == partial
+            expect(page.get_by_text("Stopped")).to_be_visible()
+            finished = page.get_by_text(re.compile(r"Seed 0, temperature .*: "
+                                                   r"\d+ and \d+ new tokens\."))
+            assert finished.count() == 0  # the stopped generation never finished
+            generate.click()  # and a new generation runs to its end
+            expect(finished).to_be_visible(timeout=60_000)
+            expect(stop).to_be_hidden()
+            expect(generate).to_be_enabled()
         finally:
             browser.close()

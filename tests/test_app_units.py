@@ -666,3 +666,77 @@ def test_the_start_model_loads_by_its_shown_name(loaded):
     start = registry.start_model()
     assert registry.load_for_visitor(start.label) is start
     assert registry.load_for_visitor(f" {start.label} ") is start
+
+
+# -- topic chips toggle and combine; a Stop button while generating ------------------------------
+
+def two_topics(loaded: LoadedModel) -> tuple[LoadedModel, list[str], list[str]]:
+    """``loaded`` with a second preset, ``cave``, beside its own first one: one code shared with
+    the first preset, two of its own on the same heads, another strength and mode."""
+    import copy
+
+    first_name, first = next(iter(loaded.topics.items()))
+    first_codes = [str(CodeRef.parse(c)) for c in
+                   (f"{c['layer']}:{c['site']}:{c['head']}:{c['code']}" for c in first["codes"])]
+    others = []
+    for code in first_codes[1:3]:
+        ref = CodeRef.parse(code)
+        others.append(f"{ref.layer}:{ref.site}:{ref.head}:{(ref.code + 1) % 32}")
+    cave_codes = [first_codes[0], *[c for c in others if c not in first_codes]]
+    model = copy.copy(loaded)
+    cave = make_preset("cave", Steering(cave_codes, strength=2.0, mode="replace"), {})
+    model.topics = {first_name: first, "cave": cave}
+    return model, first_codes, cave_codes
+
+
+def test_topic_chips_toggle_and_combine_and_clear_empties_them(loaded):
+    from app.tabs import steer
+
+    model, first, cave = two_topics(loaded)
+    name = next(iter(model.topics))
+    typed = "0:attn_heads:3:30"  # a code the visitor added by hand stays
+    picked = steer.toggled(model, name, [], [typed])
+    assert picked.selected == [name] and picked.codes == [typed, *first]
+    assert picked.steering.strength == model.topics[name]["strength"]
+    assert f"Steering toward **{name}**: {len(first) + 1} codes switched on" in picked.note
+    # A second chip adds its codes to the set (a shared code once); its strength and mode win,
+    # and the status says so.
+    both = steer.toggled(model, "cave", picked.selected, picked.codes)
+    assert both.selected == [name, "cave"]
+    assert both.codes == [typed, *first, *[c for c in cave if c not in first]]
+    assert (both.steering.strength, both.steering.mode) == (2.0, "replace")
+    assert f"**{name}** + **cave**" in both.note and "those of **cave**" in both.note
+    assert both.regex == f"(?:{model.topics[name]['regex']})|(?:cave)"
+    # Clicking a selected chip again takes off its codes, except those another chip holds.
+    left = steer.toggled(model, name, both.selected, both.codes)
+    assert left.selected == ["cave"] and left.codes == [typed, *cave]
+    assert left.regex == "cave" and f"Removed **{name}**" in left.note
+    none = steer.toggled(model, "cave", left.selected, left.codes)
+    assert none.selected == [] and none.codes == [typed] and none.steering is None
+    # Selected chips look selected; Clear empties the set and unselects every chip.
+    looks = steer.topic_buttons(model, [name])
+    assert [u["variant"] for u in looks[:2]] == ["primary", "secondary"]
+    assert "selected" in looks[0]["elem_classes"] and "selected" not in looks[1]["elem_classes"]
+    codes, note, selected, *buttons = steer.cleared()
+    assert codes == [] and selected == [] and "cleared" in note
+    assert len(buttons) == steer.MAX_TOPIC_BUTTONS
+    assert all(b["variant"] == "secondary" and "selected" not in b["elem_classes"]
+               for b in buttons)
+    with pytest.raises(InputError, match="no topic preset 'nope'"):
+        steer.toggled(model, "nope", [], [])
+
+
+def test_generation_has_a_stop_button_that_cancels_it(demo):
+    from app.tabs import steer
+
+    config = demo.get_config_file()
+    buttons = {c["props"].get("value"): c for c in config["components"] if c["type"] == "button"}
+    stop = buttons["Stop"]
+    assert stop["props"]["visible"] is False  # shown only while a generation streams
+    dependencies = config["dependencies"]
+    [generating] = [d["id"] for d in dependencies if d["api_name"] == "generate"]
+    assert any(generating in d["cancels"] and (stop["id"], "click") in map(tuple, d["targets"])
+               for d in dependencies)
+    note = steer.stopped_note({"tokens": [12, 9], "seed": 5, "done": False})
+    assert note.startswith("**Stopped**") and "12 and 9 new tokens" in note and "Seed 5" in note
+    assert steer.stopped_note(None).startswith("**Stopped**")

@@ -1,6 +1,8 @@
 """The Steer tab, the first thing a visitor sees: a prompt, topic presets, a steering set of codes
 (removable chips, strength, mode, positions, shareable as JSON), a topic search that finds codes
-for any word, and the unsteered and steered continuations streamed side by side.
+for any word, and the unsteered and steered continuations streamed side by side (a Stop button
+ends a generation and keeps what it wrote). Topic chips toggle: each selected chip adds its
+preset's codes to the set, and the last one clicked sets strength, mode and positions.
 
 What a visitor types is checked where it is typed: a code chip the model does not have is taken
 off again, and a number outside its box's range (the range the server runs) is put back to the
@@ -25,7 +27,7 @@ from app.gpu import gpu
 from app.inputs import InputError
 from app.models import LoadedModel
 from app.tabs import AppContext
-from codebook.steering import CodeRef
+from codebook.steering import CodeRef, Steering
 from codebook.topics import preset_steering
 
 MAX_TOPIC_BUTTONS = 12
@@ -38,6 +40,7 @@ POSITIONS = [("all tokens", "all"), ("prompt only", "prompt"), ("generated only"
 SEARCH_HEADERS = ["code", "precision", "recall", "example contexts (hit in [brackets])"]
 DEFAULT_PROMPT = "Once upon a time,"
 EMPTY_STORY = "<div class='story-text empty'>Press Generate to write a story.</div>"
+CHIP = "topic-chip"  # every topic button's class; a selected one has "selected" too
 
 
 @dataclasses.dataclass
@@ -45,6 +48,7 @@ class SteerTab:
     prompt: gr.Textbox
     hint: gr.Markdown
     topic_buttons: list[gr.Button]
+    selected: gr.State  # the selected topic chips' names, in the order they were clicked
     codes: gr.Dropdown
     strength: gr.Number
     mode: gr.Radio
@@ -129,10 +133,99 @@ def with_code(codes: list[str] | None, code: str) -> list[str]:
     return codes if code in codes else codes + [code]
 
 
-def topic_buttons(loaded: LoadedModel) -> list[dict]:
+def chip_look(selected: bool) -> dict:
+    """A topic chip's look: a selected one is a primary button with the class ``selected``."""
+    return {"variant": "primary" if selected else "secondary",
+            "elem_classes": [CHIP, "selected"] if selected else [CHIP]}
+
+
+def topic_buttons(loaded: LoadedModel, selected=()) -> list[dict]:
+    """The topic chips of ``loaded``, those named in ``selected`` shown selected."""
     names = list(loaded.topics)[:MAX_TOPIC_BUTTONS]
-    return ([gr.update(value=name, visible=True) for name in names]
-            + [gr.update(visible=False)] * (MAX_TOPIC_BUTTONS - len(names)))
+    return ([gr.update(value=name, visible=True, **chip_look(name in selected))
+             for name in names]
+            + [gr.update(visible=False, **chip_look(False))] * (MAX_TOPIC_BUTTONS - len(names)))
+
+
+@dataclasses.dataclass
+class Toggled:
+    """The steering set after a topic chip was clicked."""
+    selected: list[str]  # the selected chips, in the order they were clicked
+    codes: list[str]
+    steering: Steering | None  # the settings of the last selected chip; None when none is
+    regex: str  # what to highlight: the selected presets' regexes, any of them
+    note: str
+
+
+def preset_codes(loaded: LoadedModel, topic: str) -> list[str]:
+    return [str(c) for c in preset_steering(loaded.topics[topic]).codes]
+
+
+def toggled(loaded: LoadedModel, topic, selected, codes_now) -> Toggled:
+    """Click the chip of ``topic``: an unselected chip adds its preset's codes to the steering
+    set (codes already there stay) and its strength, mode and positions become the set's (the
+    last chip clicked decides); a selected one takes its codes off again, except those another
+    selected chip holds, and the set takes the settings of the last selected chip left."""
+    topic = inputs.text(topic, "topic")
+    if topic not in loaded.topics:
+        known = ", ".join(loaded.topics) or "none"
+        raise InputError(f"no topic preset {topic!r}; this model's presets: {known}")
+    selected = [name for name in (selected or []) if name in loaded.topics]
+    codes_now = [str(CodeRef.parse(code)) for code in inputs.code_list(codes_now)]
+    if topic in selected:
+        selected = [name for name in selected if name != topic]
+        kept = {code for name in selected for code in preset_codes(loaded, name)}
+        dropped = set(preset_codes(loaded, topic)) - kept
+        codes = [code for code in codes_now if code not in dropped]
+    else:
+        selected = [*selected, topic]
+        codes = codes_now + [code for code in preset_codes(loaded, topic)
+                             if code not in codes_now]
+    steering = preset_steering(loaded.topics[selected[-1]]) if selected else None
+    if steering is not None:
+        # A preset is held to the ranges a visitor is (its strength within STRENGTH_RANGE),
+        # and presets together to the model's k codes per head.
+        try:
+            inputs.steering(loaded, codes, steering.strength, steering.mode, steering.positions)
+        except InputError as err:
+            what = "applied" if len(selected) == 1 else "combined with the selected topics"
+            raise InputError(f"the preset {topic!r} cannot be {what}: {err}") from None
+    regexes = [loaded.topics[name].get("regex", name) for name in selected]
+    regex = regexes[0] if len(regexes) == 1 else "|".join(f"(?:{r})" for r in regexes)
+    if len(regex) > inputs.MAX_REGEX_CHARS:
+        regex = regexes[-1]
+    names = " + ".join(f"**{name}**" for name in selected)
+    settings = ("" if steering is None or len(selected) == 1 else
+                f" (strength {steering.strength:g}, mode {steering.mode}, positions "
+                f"{steering.positions}: those of **{selected[-1]}**, the last topic picked)")
+    switched = f"{len(codes)} codes switched on{settings}"
+    if topic in selected:
+        note = (f"Steering toward {names}: {switched}. "
+                f"{measured(loaded.topics[topic]) if len(selected) == 1 else ''}"
+                "Press **Generate**.")
+    elif selected:
+        note = f"Removed **{topic}**: steering toward {names}, {switched}."
+    else:
+        note = (f"Removed **{topic}**: " + (f"{switched}." if codes else
+                                             "no codes are switched on."))
+    return Toggled(selected, codes, steering, regex, note)
+
+
+def cleared() -> list:
+    """Clear steering: no codes, no chip selected (the codes, the status, the selection, and
+    each topic button's look)."""
+    return [chips([]), "Steering cleared: both sides will write the same story.", [],
+            *[gr.update(**chip_look(False))] * MAX_TOPIC_BUTTONS]
+
+
+def stopped_note(result) -> str:
+    """The status line after Stop, from the hidden result of the stopped generation (its
+    partial texts, or the previous generation's when none was sent yet)."""
+    if isinstance(result, dict) and result.get("done") is False:
+        tokens = result.get("tokens") or [0, 0]
+        return (f"**Stopped**: {tokens[0]} and {tokens[-1]} new tokens written (Seed "
+                f"{result.get('seed')}). Press **Generate** to write again.")
+    return "**Stopped**. Press **Generate** to write again."
 
 
 def measured(preset: dict) -> str:
@@ -196,10 +289,13 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
     with gr.Row(elem_classes="presets"):
         names = list(start.topics)[:MAX_TOPIC_BUTTONS]
         buttons = [gr.Button(names[i] if i < len(names) else "", size="md",
-                             visible=i < len(names), min_width=0)
+                             visible=i < len(names), min_width=0, **chip_look(False))
                    for i in range(MAX_TOPIC_BUTTONS)]
+    selected = gr.State([])
     with gr.Row():
         generate = gr.Button("Generate", variant="primary", scale=3)
+        # Shown in place of nothing while a generation streams (Generate is disabled then).
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=90, visible=False)
         clear = gr.Button("Clear steering", scale=1, min_width=120)
     # Just under the buttons, so that what a click did is in view (on a phone the stories below
     # fill the screen).
@@ -285,10 +381,21 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                 preset.get("regex", topic), note)
 
     preset_outputs = [codes, strength, mode, positions, highlight_box, status]
+
+    @shown
+    def click_topic(topic: str, selected_now, codes_now, model_name: str):
+        loaded = ctx.model(model_name)
+        done = toggled(loaded, topic, selected_now, codes_now)
+        settings = ([done.steering.strength, done.steering.mode, done.steering.positions]
+                    if done.steering is not None else [gr.skip()] * 3)
+        return [chips(done.codes), *settings, done.regex, done.note, done.selected,
+                *topic_buttons(loaded, done.selected)]
+
     for button in buttons:
-        button.click(apply_topic, [button, ctx.model_state], preset_outputs,
-                     api_visibility="private")
-    # The same for API clients, by topic name.
+        button.click(click_topic, [button, selected, codes, ctx.model_state],
+                     [*preset_outputs, selected, *buttons], api_visibility="private",
+                     preprocess=False)
+    # For API clients, by topic name: a preset's own steering (no chips to combine with).
     topic_name = gr.Textbox(visible=False)
     gr.Button(visible=False).click(apply_topic, [topic_name, ctx.model_state], preset_outputs,
                                    api_name="topic", preprocess=False)
@@ -308,6 +415,12 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         pair = ([], [])
         sent = 0.0
 
+        def tokens_of(tokens_pair) -> dict:
+            """The pair's token ids, for the Token view (the ``last`` state)."""
+            return {"prompt": prompt_text, "prompt_ids": ids,
+                    "tokens": [list(t) for t in tokens_pair],
+                    "steering": steering.to_json() if steering else None}
+
         def plain(tokens_pair, done: bool) -> dict:
             """The texts so far, for API clients (the hidden JSON output)."""
             return {"unsteered": continuation_text(loaded, ids, tokens_pair[0]),
@@ -321,10 +434,11 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
             if time.monotonic() - sent >= STREAM_INTERVAL:
                 sent = time.monotonic()
                 partial = plain(pair, done=False)
+                # The token ids so far too: a stopped pair opens in the Token view.
                 yield (marker.story_html(prompt_text, partial["unsteered"]),
                        marker.story_html(prompt_text, partial["steered"]), used_seed,
                        f"Writing: {len(pair[0])} and {len(pair[1])} new tokens…", partial,
-                       gr.skip())
+                       tokens_of(pair))
         texts_out = plain(pair, done=True)
         texts = [texts_out["unsteered"], texts_out["steered"]]
         stories = (marker.story_html(prompt_text, texts[0]),
@@ -339,15 +453,23 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                 note += f" Topic words: {counts[0]} without, **{counts[1]} with steering**."
         if marker.problem:
             note += f" Topic words are not marked: {marker.problem}."
-        last_run = {"prompt": prompt_text, "prompt_ids": ids, "tokens": [list(t) for t in pair],
-                    "steering": steering.to_json() if steering else None}
-        yield *stories, used_seed, note, texts_out, last_run
+        yield *stories, used_seed, note, texts_out, tokens_of(pair)
 
-    gr.on([generate.click, prompt.submit], run,
-          [ctx.model_state, prompt, codes, strength, mode, positions, seed, random_seed,
-           temperature, max_tokens, highlight_box],
-          [unsteered, steered, seed, status, result, last], api_name="generate",
-          concurrency_limit=settings.concurrency, concurrency_id="generate", preprocess=False)
+    triggers = [generate.click, prompt.submit]
+    gr.on(triggers, lambda: (gr.update(interactive=False), gr.update(visible=True)), None,
+          [generate, stop], queue=False, api_visibility="private", show_progress="hidden")
+    generating = gr.on(
+        triggers, run, [ctx.model_state, prompt, codes, strength, mode, positions, seed,
+                        random_seed, temperature, max_tokens, highlight_box],
+        [unsteered, steered, seed, status, result, last], api_name="generate",
+        concurrency_limit=settings.concurrency, concurrency_id="generate", preprocess=False)
+    ready = (gr.update(interactive=True), gr.update(visible=False))
+    generating.then(lambda: ready, None, [generate, stop], api_visibility="private",
+                    show_progress="hidden", queue=False)
+    # Stop keeps the stories written so far (each streamed update already showed them).
+    stop.click(lambda result_now: (*ready, stopped_note(result_now)), [result],
+               [generate, stop, status], cancels=[generating], api_visibility="private",
+               show_progress="hidden", queue=False)
 
     @shown
     def find(query: str, model_name: str):
@@ -371,8 +493,7 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     search_table.select(add_row, [codes], [codes, status], api_visibility="private")
 
-    clear.click(lambda: (chips([]), "Steering cleared: both sides will write the same story."),
-                None, [codes, status], api_visibility="private")
+    clear.click(cleared, None, [codes, status, selected, *buttons], api_visibility="private")
 
     set_parts = [codes, strength, mode, positions]
     for part in set_parts:
@@ -405,8 +526,10 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     apply_json.click(import_json, [json_box, ctx.model_state],
                      [codes, strength, mode, positions, status], api_name="import_steering",
-                     preprocess=False)
+                     preprocess=False).success(
+        lambda: cleared()[2:], None, [selected, *buttons], api_visibility="private",
+        show_progress="hidden")  # a pasted set replaces the chips' codes
 
-    return SteerTab(prompt, hint, buttons, codes, strength, mode, positions, highlight_box, seed,
-                    random_seed, temperature, max_tokens, unsteered, steered, status,
-                    search_summary, inspect_unsteered, inspect_steered, last)
+    return SteerTab(prompt, hint, buttons, selected, codes, strength, mode, positions,
+                    highlight_box, seed, random_seed, temperature, max_tokens, unsteered, steered,
+                    status, search_summary, inspect_unsteered, inspect_steered, last)
