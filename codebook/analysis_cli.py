@@ -28,12 +28,12 @@ from codebook.text import FORMATS
 
 # Steering from a topic search when a topic has no preset: how many of the best codes to force,
 # at most how many per head, from which layers, and how. The median of the settings that
-# `presets`' calibration chose for the paper's seven topics on the default model (8 codes for
-# five topics, 16 for two, all at strength 2, from its one codebook layer); a preset carries its
-# own calibrated setting.
-TOPIC_MAX_CODES = 8
+# `presets`' calibration chose for the paper's seven topics on the default model (16 codes at
+# strength 1.5 for five topics; 8 and 16 codes at strength 2 for the others; all from its one
+# codebook layer); a preset carries its own calibrated setting.
+TOPIC_MAX_CODES = 16
 TOPIC_PER_HEAD = 4
-TOPIC_STRENGTH = 2.0
+TOPIC_STRENGTH = 1.5
 TOPIC_MODE = "add"
 TOPIC_LAST_LAYERS = "1"  # codes of the last codebook layer only ("all": every layer)
 

@@ -70,8 +70,8 @@ class BuildConfig:
     # analysis
     min_documents: int = 20
     topics: list[str] | None = None  # default: the paper's seven
-    preset_num_codes: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32])
-    preset_strengths: list[float] = dataclasses.field(default_factory=lambda: [2.0, 4.0, 8.0])
+    preset_num_codes: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 24])
+    preset_strengths: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.5, 2.0])
     calibration_samples: int = 5
     samples_per_prompt: int = 10
     max_new_tokens: int = 200
