@@ -198,11 +198,13 @@ class Regex:
             raise self._timeout()
         started = time.monotonic()
         try:
-            return match(left)
+            result = match(left)
         except TimeoutError:
+            # Spent, however the engine counted the time (it may stop a little early).
+            self._spent = self.time_limit
             raise self._timeout() from None
-        finally:
-            self._spent += time.monotonic() - started
+        self._spent += time.monotonic() - started
+        return result
 
     def _timeout(self) -> RegexTimeout:
         return RegexTimeout(

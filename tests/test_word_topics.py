@@ -80,6 +80,7 @@ def test_topic_search_on_the_shipped_model_needs_no_data(capsys):
     import json
 
     from codebook.__main__ import main
+    from codebook.analysis_cli import TOPIC_MAX_CODES
     from codebook.hub import DEFAULT_MODEL_DIR
     from codebook.word_topics import WORD_TOPICS_NAME
 
@@ -89,7 +90,7 @@ def test_topic_search_on_the_shipped_model_needs_no_data(capsys):
     assert main(["topics", "--model", "default", "--topic", "snow", "--json", "--threads", "1",
                  "--no-progress"]) == 0
     found = json.loads(capsys.readouterr().out)["snow"]
-    assert found["topic_documents"] >= 20 and len(found["selected"]) == 8
+    assert found["topic_documents"] >= 20 and len(found["selected"]) == TOPIC_MAX_CODES
     assert found["codes"][0]["name"] == str(stats.result("snow").codes[0].ref)
     with pytest.raises(ValueError, match="no word of at least 20"):
         stats.result("zyzzyva")
