@@ -80,12 +80,17 @@ def source_documents(source: str | Path, fmt: str = "auto") -> list[str]:
     return documents
 
 
+def normalized(text: str) -> str:
+    """``text`` with every run of whitespace a single space: what duplicates are compared by."""
+    return " ".join(text.split())
+
+
 def deduplicate(documents: list[str]) -> list[str]:
     """``documents`` without exact duplicates (after whitespace normalisation), first kept."""
     seen: set[str] = set()
     unique = []
     for doc in documents:
-        key = " ".join(doc.split())
+        key = normalized(doc)
         if key not in seen:
             seen.add(key)
             unique.append(doc)

@@ -86,6 +86,12 @@ def test_synthesis_is_deterministic_for_a_seed_and_resumes_exactly(tmp_path, mon
     assert (tmp_path / "b.txt").read_text() == a
     assert (tmp_path / "c.txt").read_text() != a
     assert (tmp_path / "d.txt").read_text() == a and resumed["stories"] == 12
+    # A run killed while writing a story leaves half of it; resuming drops that half.
+    half = a.split(f"\n{ENDOFTEXT}\n")
+    (tmp_path / "e.txt").write_text("".join(f"{s}\n{ENDOFTEXT}\n" for s in half[:4])
+                                    + half[4][:10])
+    synthesize(teacher, teacher.tokenizer, 12, tmp_path / "e.txt", seed=5, **args)
+    assert (tmp_path / "e.txt").read_text() == a
     stories = split_text(a, "endoftext")
     assert len({" ".join(s.split()) for s in stories}) == 12  # deduplicated
 

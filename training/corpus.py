@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from codebook.text import deduplicate, split_text
+from codebook.text import deduplicate, normalized, split_text
 
 _MOJIBAKE = re.compile(r"â€[\x80-\xbf\u0152-\u2122\x9d\x9c\x93\x94]|â€|Ã[\x80-\xbf]")
 _STORY_BREAK = re.compile(r"(?<!\n)\n(?!\n)")
@@ -68,12 +68,12 @@ def recase(text: str, cases: dict[str, str]) -> str:
 
 def repair_lowercased(text: str, cased_documents: list[str]) -> list[str]:
     """The stories of the lower-cased file that ``cased_documents`` do not hold, repaired."""
-    known = {" ".join(doc.lower().split()) for doc in cased_documents}
+    known = {normalized(doc.lower()) for doc in cased_documents}
     cases = word_cases(cased_documents)
     stories = []
     for story in _STORY_BREAK.split(fix_mojibake(text)):
         story = re.sub(r"\n[ \t]*\n", "\n", story).strip()
-        if story and " ".join(story.split()) not in known:
+        if story and normalized(story) not in known:
             stories.append(recase(story, cases))
     return stories
 

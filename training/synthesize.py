@@ -21,21 +21,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from codebook.text import ENDOFTEXT, separator_id, split_text, stop_ids
+from codebook.text import ENDOFTEXT, normalized, separator_id, split_text, stop_ids
 
 # A story cut off at the length limit is dropped: it would teach the student to stop mid-story.
 MIN_WORDS = 20
-
-
-def _story_key(text: str) -> str:
-    return " ".join(text.split())
+_SEPARATOR = f"\n{ENDOFTEXT}\n"
 
 
 def read_existing(path: Path) -> list[str]:
-    """The stories an earlier (interrupted) run already wrote to ``path``."""
+    """The stories an earlier (interrupted) run already wrote to ``path``; a story cut off by the
+    interruption (no separator after it yet) is removed from the file."""
     if not path.is_file():
         return []
-    return split_text(path.read_text(encoding="utf-8"), "endoftext")
+    text = path.read_text(encoding="utf-8")
+    complete = text[:text.rfind(_SEPARATOR) + len(_SEPARATOR)] if _SEPARATOR in text else ""
+    if complete != text:
+        path.write_text(complete, encoding="utf-8")
+    return split_text(complete, "endoftext")
 
 
 @torch.inference_mode()
@@ -77,7 +79,7 @@ def synthesize(model, tokenizer, stories: int, output: str | Path, seed: int = 0
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     existing = read_existing(output)
-    seen = {_story_key(s) for s in existing}
+    seen = {normalized(s) for s in existing}
     # Batches are numbered from 0 in every run; the count of batches an earlier run took is
     # recorded in a sidecar so that a resumed run draws the batches that follow, not the same.
     state = output.with_suffix(output.suffix + ".batches")
@@ -96,12 +98,12 @@ def synthesize(model, tokenizer, stories: int, output: str | Path, seed: int = 0
             for text in batch:
                 if summary["stories"] >= stories:
                     break
-                key = _story_key(text)
+                key = normalized(text)
                 if key in seen:
                     summary["duplicates"] += 1
                     continue
                 seen.add(key)
-                sink.write(f"{text}\n{ENDOFTEXT}\n")
+                sink.write(f"{text}{_SEPARATOR}")
                 summary["stories"] += 1
                 summary["words"] += len(text.split())
                 bar.update(1)
