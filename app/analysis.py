@@ -1,7 +1,8 @@
 """What the Codes tab and the Steer tab's topic search read: a model's code activation index
 (``code_index.safetensors``, made by ``python -m codebook index``: one's own copy in the data
-directory first, else the one beside the model, see :mod:`codebook.userdata`), queried with
-:mod:`codebook.search`, :mod:`codebook.contexts` and :mod:`codebook.promote`.
+directory first, else the one beside the model, see :mod:`codebook.analysis.userdata`), queried with
+:mod:`codebook.analysis.search`, :mod:`codebook.analysis.contexts` and
+:mod:`codebook.analysis.promote`.
 
 A model without an index still steers; the searches then raise :class:`NoIndexError`, whose
 message tells the visitor what is missing and how the model's author can add it.
@@ -15,10 +16,10 @@ import weakref
 from app import inputs
 from app.inputs import InputError
 from app.models import LoadedModel
-from codebook.index import INDEX_NAME, CodeIndex, Layout
+from codebook.analysis.index import INDEX_NAME, CodeIndex, Layout
+from codebook.analysis.regex import Regex, compile_regex
+from codebook.analysis.userdata import analysis_file
 from codebook.steering import CodeRef
-from codebook.text import Regex, compile_regex
-from codebook.userdata import analysis_file
 
 # Example contexts shown per code in search tables (each code costs a scan of its hits).
 EXAMPLES_PER_CODE = 2
@@ -98,7 +99,7 @@ def index_summary(loaded: LoadedModel) -> str:
 
 def _row(loaded: LoadedModel, score) -> dict:
     """A search result with the code's top activating contexts, the hit in brackets."""
-    from codebook.contexts import code_summary
+    from codebook.analysis.contexts import code_summary
 
     contexts = code_summary(index(loaded), score.ref, loaded.surfaces(), EXAMPLES_PER_CODE,
                             WINDOW)["contexts"]
@@ -114,9 +115,10 @@ def _visitor_regex(pattern: str) -> Regex:
 
 def topic_search(loaded: LoadedModel, pattern: str, top: int = 12) -> tuple[list[dict], str]:
     """Codes whose activations fall most often in stories after the topic's first mention (the
-    ``context`` statistic of :mod:`codebook.search`: the codes that keep the model writing about
+    ``context`` statistic of :mod:`codebook.analysis.search`: the codes that keep the model writing
+    about
     it), each with an example context; and a one-line summary of what was searched."""
-    from codebook.search import topic_search as search
+    from codebook.analysis.search import topic_search as search
 
     texts = document_texts(loaded)
     idx = index(loaded)
@@ -137,8 +139,8 @@ def topic_search(loaded: LoadedModel, pattern: str, top: int = 12) -> tuple[list
 
 def code_search(loaded: LoadedModel, pattern: str, top: int = 25) -> tuple[list[dict], str]:
     """Codes ranked by F1 of precision and recall on the tokens ``pattern`` marks."""
-    from codebook.search import code_search as search
-    from codebook.search import regex_targets
+    from codebook.analysis.search import code_search as search
+    from codebook.analysis.search import regex_targets
 
     idx = index(loaded)
     try:
@@ -154,8 +156,8 @@ def code_details(loaded: LoadedModel, ref: CodeRef, contexts: int = 12,
                  promoted: int = 12) -> dict:
     """What ``ref`` promotes (needs only the model) and, when the model has an index, how often
     it fires and its top activating contexts (``count`` and ``contexts`` are ``None`` without)."""
-    from codebook.contexts import code_summary
-    from codebook.promote import promoted_tokens
+    from codebook.analysis.contexts import code_summary
+    from codebook.analysis.promote import promoted_tokens
 
     try:
         Layout.of_model(loaded.model).flat(ref)  # raises naming the problem

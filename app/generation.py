@@ -3,7 +3,8 @@
 Both continuations are sampled token by token in one loop, each with its own KV cache and its own
 random generator seeded with the same seed, so the only difference between them is the steering
 (and the unsteered one is what the model writes alone with that seed). Sampling is the paper's
-protocol, as in :func:`codebook.steer_eval.sample`: pure sampling at ``temperature`` (no top-k or
+protocol, as in :func:`codebook.analysis.steer_eval.sample`: pure sampling at ``temperature`` (no
+top-k or
 top-p), or greedy at temperature 0; a continuation ends at the first end-of-story token.
 
 Every forward pass holds the model's lock, because steering is state on the model's codebook

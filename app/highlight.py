@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 
 from app import inputs
-from codebook.text import Regex, RegexTimeout, compile_regex
+from codebook.analysis.regex import Regex, RegexTimeout, compile_regex
 
 
 class Highlighter:

@@ -7,9 +7,9 @@ import math
 import secrets
 
 from app.models import LoadedModel
+from codebook.analysis.regex import compile_regex
 from codebook.layer import POSITIONS
 from codebook.steering import MODES, Steering
-from codebook.text import compile_regex
 
 MAX_SEED = 2**32 - 1
 MAX_TEMPERATURE = 2.0

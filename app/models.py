@@ -39,7 +39,7 @@ import torch
 from app import errors
 from app.settings import Settings
 from codebook import CodebookModel, hub, original
-from codebook.topics import load_topics
+from codebook.analysis.topics import load_topics
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ def start(model: str, max_tokens: int) -> tuple[subprocess.Popen, str, float, fl
 def first_preset(model: str) -> tuple[str, dict]:
     """``(name, generate's steering arguments)`` of the model's first topic preset."""
     from codebook import hub
-    from codebook.topics import load_topics, preset_steering
+    from codebook.analysis.topics import load_topics, preset_steering
 
     for name, preset in load_topics(hub.resolve_model_dir(model)).items():
         steering = preset_steering(preset)

@@ -24,8 +24,9 @@ def main() -> None:
     from app.models import LoadedModel
     from app.tabs.steer import DEFAULT_PROMPT
     from codebook import CodebookModel, hub
-    from codebook.text import compile_regex, encode_document
-    from codebook.topics import preset_steering
+    from codebook.analysis.regex import compile_regex
+    from codebook.analysis.topics import preset_steering
+    from codebook.text import encode_document
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

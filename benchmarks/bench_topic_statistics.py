@@ -2,7 +2,8 @@
 
 For every calibrated preset of a model (``topics.json`` made by ``python -m codebook presets``),
 keep its layers, number of codes, per-head limit, strength and mode, but rank the codes by each
-statistic of :mod:`codebook.search` (context, lead-in, document) over the same corpus; run the
+statistic of :mod:`codebook.analysis.search` (context, lead-in, document) over the same corpus; run
+the
 paper's steering evaluation for each and print steered rate and fluency ratio per topic and
 statistic. The presets were calibrated for one statistic (recorded in their stats), which
 favours it. Run (about 10 minutes on 2 CPU cores for the default model's seven topics):
@@ -21,11 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codebook import CodebookModel, Steering, hub  # noqa: E402
-from codebook.index import Layout, corpus_documents  # noqa: E402
-from codebook.search import STATISTICS, TopicCounter, select_codes  # noqa: E402
-from codebook.steer_eval import steer_eval  # noqa: E402
+from codebook.analysis.index import Layout, corpus_documents  # noqa: E402
+from codebook.analysis.search import STATISTICS, TopicCounter, select_codes  # noqa: E402
+from codebook.analysis.steer_eval import steer_eval  # noqa: E402
+from codebook.analysis.topics import load_topics  # noqa: E402
 from codebook.text import read_documents, token_surfaces  # noqa: E402
-from codebook.topics import load_topics  # noqa: E402
 
 
 def main() -> None:

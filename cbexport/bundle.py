@@ -21,9 +21,9 @@ from cbexport.card import model_card
 from cbexport.decoder import decoder_shape
 from cbexport.steer import steering_arrays, topic_spec
 from codebook import hub
+from codebook.analysis.topics import topics_path
 from codebook.configuration import CONFIG_NAME
 from codebook.modeling import CodebookModel
-from codebook.topics import topics_path
 
 
 class ExportError(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from codebook.analysis_cli import add_analysis_parsers
+from codebook.analysis.cli import add_analysis_parsers
 
 
 def add_convert_original_parser(subparsers) -> None:

@@ -2,7 +2,8 @@
 
 We never copy a model's forward pass: each site is reached with a hook on a real module, so a new
 transformers release only breaks us if it renames a module, and then only this table changes. The
-same record names the final norm that promoted tokens read through (:mod:`codebook.promote`) and,
+same record names the final norm that promoted tokens read through
+(:mod:`codebook.analysis.promote`) and,
 for the families the paper's original library supported, how that library names them
 (:mod:`codebook.original`).
 """

@@ -12,8 +12,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from codebook import CodeRef, attach_codebooks
-from codebook.contexts import code_summary
-from codebook.index import (
+from codebook.analysis.contexts import code_summary
+from codebook.analysis.index import (
     CodeIndex,
     Layout,
     Site,
@@ -21,8 +21,9 @@ from codebook.index import (
     corpus_documents,
     topic_stories_first,
 )
-from codebook.promote import promoted_tokens, residual_vector
-from codebook.search import (
+from codebook.analysis.promote import promoted_tokens, residual_vector
+from codebook.analysis.regex import RegexTimeout, compile_regex
+from codebook.analysis.search import (
     CodeScore,
     code_search,
     regex_targets,
@@ -30,7 +31,7 @@ from codebook.search import (
     token_targets,
     topic_search,
 )
-from codebook.text import RegexTimeout, compile_regex, encode_document, token_surfaces
+from codebook.text import encode_document, token_surfaces
 from tests.test_model import tiny_model
 from tests.tiny_models import VOCAB, tiny_base
 

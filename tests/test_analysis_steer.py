@@ -12,14 +12,20 @@ import torch
 
 from codebook import CodebookModel, CodeRef, Steering, attach_codebooks
 from codebook.__main__ import main
-from codebook.calibrate import calibrate
+from codebook.analysis.calibrate import calibrate
+from codebook.analysis.index import INDEX_NAME, CodeIndex, build_index
+from codebook.analysis.search import CodeScore
+from codebook.analysis.steer_eval import distinct_2, steer_eval
+from codebook.analysis.topics import (
+    load_topics,
+    make_preset,
+    plot_presets,
+    preset_steering,
+    save_topics,
+)
+from codebook.analysis.userdata import analysis_file
 from codebook.hub import DEFAULT_MODEL_DIR
-from codebook.index import INDEX_NAME, CodeIndex, build_index
-from codebook.search import CodeScore
-from codebook.steer_eval import distinct_2, steer_eval
 from codebook.text import encode_document
-from codebook.topics import load_topics, make_preset, plot_presets, preset_steering, save_topics
-from codebook.userdata import analysis_file
 from tests.test_analysis import WORDS, corpus, identity_model, with_tokenizer, word_tokenizer
 from tests.tiny_models import VOCAB, tiny_base
 

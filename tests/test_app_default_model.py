@@ -13,8 +13,8 @@ import torch
 from gradio_client import Client
 
 from codebook import CodebookModel, hub
+from codebook.analysis.topics import load_topics, preset_steering
 from codebook.text import encode_document, stop_ids
-from codebook.topics import load_topics, preset_steering
 from tests.test_app_server import CHROMIUM, SCREENSHOTS, running_app
 
 PROMPT = "Once upon a time,"

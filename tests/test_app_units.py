@@ -29,12 +29,12 @@ from app.models import LoadedModel, ModelError, ModelRegistry, check_model_name,
 from app.settings import Settings
 from app.token_view import token_codes
 from codebook import attach_codebooks
-from codebook.index import INDEX_NAME, Layout, build_index
-from codebook.search import select_codes, topic_search
-from codebook.steer_eval import sample
+from codebook.analysis.index import INDEX_NAME, Layout, build_index
+from codebook.analysis.search import select_codes, topic_search
+from codebook.analysis.steer_eval import sample
+from codebook.analysis.topics import make_preset, save_topics
 from codebook.steering import CodeRef, Steering
 from codebook.text import encode_document, token_surfaces
-from codebook.topics import make_preset, save_topics
 from tests.tiny_models import VOCAB, tiny_base
 
 STORY_WORDS = ["the", "a", "cat", "dog", "girl", "boy", "ran", "sat", "played", "big", "small",

@@ -8,8 +8,8 @@ import torch
 
 from codebook import CodebookModel, CodeRef, Steering
 from codebook import original as original_module
+from codebook.analysis.promote import promoted_tokens, residual_vector
 from codebook.architectures import ARCHITECTURES, get_module, num_heads
-from codebook.promote import promoted_tokens, residual_vector
 from tests.test_model import ALL_SITES, tiny_model
 from tests.tiny_models import CONFIGS, FAMILIES, VOCAB, tiny_base
 

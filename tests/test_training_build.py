@@ -7,7 +7,7 @@ import json
 import pytest
 
 from codebook import CodebookModel
-from codebook.word_topics import WordTopics
+from codebook.analysis.word_topics import WordTopics
 from training.__main__ import main
 from training.tokenizer import STORY_WORDS, split_words
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from codebook import CodeRef
-from codebook.index import Layout, corpus_documents
-from codebook.search import topic_search
+from codebook.analysis.index import Layout, corpus_documents
+from codebook.analysis.search import topic_search
+from codebook.analysis.word_topics import WordTopics
 from codebook.text import token_surfaces
-from codebook.word_topics import WordTopics
 from tests.test_analysis import context_corpus, corpus, identity_model, one_thread  # noqa: F401
 
 
@@ -80,9 +80,9 @@ def test_topic_search_on_the_shipped_model_needs_no_data(capsys):
     import json
 
     from codebook.__main__ import main
-    from codebook.analysis_cli import TOPIC_MAX_CODES
+    from codebook.analysis.cli import TOPIC_MAX_CODES
+    from codebook.analysis.word_topics import WORD_TOPICS_NAME
     from codebook.hub import DEFAULT_MODEL_DIR
-    from codebook.word_topics import WORD_TOPICS_NAME
 
     stats = WordTopics.load(DEFAULT_MODEL_DIR / WORD_TOPICS_NAME)
     assert stats.documents.min() >= 20 and stats.info["min_documents"] == 20

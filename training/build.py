@@ -198,7 +198,7 @@ def build_default(build: BuildConfig) -> Path | None:
     """Run every stage that has not run yet; returns where the model was shipped (if it was)."""
     import torch
 
-    from codebook.topics import PAPER_TOPICS
+    from codebook.analysis.topics import PAPER_TOPICS
 
     work = build.work_dir
     work.mkdir(parents=True, exist_ok=True)

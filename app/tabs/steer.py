@@ -27,8 +27,8 @@ from app.gpu import gpu
 from app.inputs import InputError
 from app.models import LoadedModel
 from app.tabs import AppContext
+from codebook.analysis.topics import preset_steering
 from codebook.steering import CodeRef, Steering
-from codebook.topics import preset_steering
 
 MAX_TOPIC_BUTTONS = 12
 # Streamed updates are sent at most this often: a small model writes faster than a browser

@@ -11,7 +11,8 @@ guessed: for every ``(layers, number of codes, strength, mode)`` of the grid, wh
 keeps only codes of the model's last ``n`` codebook layers (``None``: all), sample the paper's
 prompts on a *calibration* seed, and keep the setting with the highest steered rate whose fluency
 ratio stays within ``max_fluency``. Report the chosen setting's figures from
-:func:`~codebook.steer_eval.steer_eval` on a different seed: the calibration seed's figures are
+:func:`~codebook.analysis.steer_eval.steer_eval` on a different seed: the calibration seed's
+figures are
 optimistic, being the best of several tries.
 
 The mode matters too. With each preset's codes and strength (seed 0, 40 samples), ``replace``
@@ -31,10 +32,11 @@ import dataclasses
 
 from tqdm.auto import tqdm
 
-from codebook.index import Layout
-from codebook.search import CodeScore, select_codes
-from codebook.search import last_layers as layers_of
-from codebook.steer_eval import (
+from codebook.analysis.index import Layout
+from codebook.analysis.regex import compile_regex
+from codebook.analysis.search import CodeScore, select_codes
+from codebook.analysis.search import last_layers as layers_of
+from codebook.analysis.steer_eval import (
     PAPER_PROMPTS,
     check_sampling,
     fluency_ratio,
@@ -42,7 +44,6 @@ from codebook.steer_eval import (
     summarize,
 )
 from codebook.steering import Steering
-from codebook.text import compile_regex
 
 LAST_LAYERS = (1, 2, None)
 NUM_CODES = (6, 12, 24)
@@ -79,7 +80,8 @@ def calibrate(
 ) -> Calibration:
     """The best grid setting for a topic (see the module docstring). ``ranked`` is a topic
     search's codes, best first; each setting forces the first ``n`` of them, among those of its
-    layers, that :func:`~codebook.search.select_codes` allows at ``per_head`` codes per head.
+    layers, that :func:`~codebook.analysis.search.select_codes` allows at ``per_head`` codes per
+    head.
     When no setting keeps fluency within ``max_fluency``, the most fluent one is chosen."""
     check_sampling(model, prompts, samples_per_prompt, max_new_tokens, temperature)
     if not num_codes or not strengths or not last_layers or not modes:

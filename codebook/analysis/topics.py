@@ -2,7 +2,8 @@
 
 ``topics.json`` sits beside a model (the default model ships one), or in one's own data directory
 for models whose folder is not one's own (a Hub model, the default model: see
-:mod:`codebook.userdata`, which says where it is read and written). It maps a topic name to::
+:mod:`codebook.analysis.userdata`, which says where it is read and written). It maps a topic name
+to::
 
     {
       "regex": "dragon",                 # what marks the topic's documents / a steered success
@@ -25,8 +26,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from codebook.analysis.userdata import analysis_file, replace_file
 from codebook.steering import Steering
-from codebook.userdata import analysis_file, replace_file
 
 TOPICS_NAME = "topics.json"
 

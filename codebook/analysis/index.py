@@ -3,7 +3,8 @@
 Running a codebook model over documents records, at every site, the ``k`` chosen code ids of each
 group (attention head) for every token. :class:`CodeIndex` keeps them with the tokens, each
 document's token offsets and each code's count, in one safetensors file (``code_index.safetensors``
-beside a model, or in one's data directory: :mod:`codebook.userdata`; never pickle). Code ids are
+beside a model, or in one's data directory: :mod:`codebook.analysis.userdata`; never pickle). Code
+ids are
 stored in the smallest unsigned type that holds them (``uint8`` for up to 256 codes), best-ranked
 first, as the op returns them.
 
@@ -36,9 +37,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from codebook.analysis.userdata import replace_file
 from codebook.steering import CodeRef
 from codebook.text import encode_document
-from codebook.userdata import replace_file
 
 INDEX_NAME = "code_index.safetensors"
 FORMAT = "codebook-code-index"
@@ -246,7 +247,7 @@ def topic_stories_first(documents: list[str], patterns: dict[str, str],
     all the others in corpus order; and how many were put first for each topic. An index cut to
     a small ``max_tokens`` then still holds stories about those topics, so searches for them
     find something."""
-    from codebook.text import compile_regex
+    from codebook.analysis.regex import compile_regex
 
     if per_topic < 0:
         raise ValueError(f"per_topic must be at least 0, got {per_topic}")

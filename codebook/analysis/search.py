@@ -44,9 +44,10 @@ import dataclasses
 
 import numpy as np
 
-from codebook.index import CodeIndex, Layout
+from codebook.analysis.index import CodeIndex, Layout
+from codebook.analysis.regex import Regex, compile_regex
 from codebook.steering import CodeRef
-from codebook.text import Regex, compile_regex, spans
+from codebook.text import spans
 
 TARGET_TOKENS = ("all", "first", "last")
 

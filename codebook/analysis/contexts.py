@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from codebook.index import CodeIndex
+from codebook.analysis.index import CodeIndex
 from codebook.steering import CodeRef
 from codebook.text import spans
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 DATA_DIR_ENV = "CODEBOOK_DATA_DIR"
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the codebook package
 _HUB_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
 # What makes a model the model it is; an index or presets made for it hold for these files only.
 _MODEL_FILES = ("config.json", "codebook_config.json", "model.safetensors",

@@ -1,6 +1,7 @@
 """Topic search without a corpus: per-word context statistics shipped with a model.
 
-Topic search by context precision (:mod:`codebook.search`) needs, for a topic word, how often
+Topic search by context precision (:mod:`codebook.analysis.search`) needs, for a topic word, how
+often
 each code fires in a story *after* the word's first mention. Computing that means running the
 model over a corpus, and an index of a corpus large enough to hold 20 stories about any everyday
 word is tens of megabytes. This file keeps only what the statistic needs, for every word of at
@@ -18,7 +19,7 @@ for, and the result's document and context counts are the words' sums (a story n
 them counts twice).
 
 Stored as ``word_topics.safetensors`` (tensors plus JSON metadata; no pickle) beside a model, or
-for a Hub or the packaged model in the user's data directory (:mod:`codebook.userdata`).
+for a Hub or the packaged model in the user's data directory (:mod:`codebook.analysis.userdata`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from codebook.index import Layout, corpus_documents
-from codebook.search import CodeScore, TopicResult
-from codebook.text import compile_regex, spans, token_surfaces
+from codebook.analysis.index import Layout, corpus_documents
+from codebook.analysis.regex import compile_regex
+from codebook.analysis.search import CodeScore, TopicResult
+from codebook.text import spans, token_surfaces
 
 WORD_TOPICS_NAME = "word_topics.safetensors"
 FORMAT = "codebook-word-topics"
@@ -192,7 +194,7 @@ class WordTopics:
 
     def save(self, path: str | Path) -> Path:
         """Write the statistics to ``path`` (renamed into place: a link there is replaced)."""
-        from codebook.userdata import replace_file
+        from codebook.analysis.userdata import replace_file
 
         meta = {"format": FORMAT, "version": VERSION, "words": self.words,
                 "sites": self.layout.to_list(), **self.info}
@@ -204,7 +206,7 @@ class WordTopics:
 
     @classmethod
     def load(cls, path: str | Path) -> WordTopics:
-        from codebook.index import Site
+        from codebook.analysis.index import Site
 
         path = Path(path)
         if not path.is_file():

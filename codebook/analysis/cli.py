@@ -15,7 +15,7 @@ so that ``--help`` stays fast. Every query prints text, or JSON with ``--json``.
 
 What they write (the index, presets) goes beside a model of one's own, and for a Hub model or the
 default model to one's data directory, never into the Hugging Face cache or the package
-(:mod:`codebook.userdata`); ``--output`` says where instead. Readers look there first.
+(:mod:`codebook.analysis.userdata`); ``--output`` says where instead. Readers look there first.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _steering_options(parser: argparse.ArgumentParser, codes: bool = True) -> No
 def _search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--statistic", choices=["context", "lead-in", "document"],
                         default="context", help="how topic search ranks codes (see "
-                        "codebook/search.py; default: context precision)")
+                        "codebook/analysis/search.py; default: context precision)")
 
 
 def _load(args):
@@ -111,8 +111,8 @@ def _load(args):
 
 
 def _index_of(args, directory):
-    from codebook.index import INDEX_NAME, CodeIndex
-    from codebook.userdata import analysis_file
+    from codebook.analysis.index import INDEX_NAME, CodeIndex
+    from codebook.analysis.userdata import analysis_file
 
     return CodeIndex.load(args.index or analysis_file(directory, INDEX_NAME))
 
@@ -122,13 +122,13 @@ def _output_option(parser: argparse.ArgumentParser, name: str) -> None:
                         help=f"{name} to write, or an existing directory to hold it (default: "
                         "beside the "
                         "model; for a Hub model or the default model, your data directory, "
-                        "see codebook/userdata.py)")
+                        "see codebook/analysis/userdata.py)")
 
 
 def _output(args, directory, name: str) -> Path:
     """Where a command writes its file ``name``: ``--output`` (a file, or a directory to hold
     it), else the model's analysis directory; never into the Hugging Face cache."""
-    from codebook.userdata import analysis_dir, check_outside_hub_cache
+    from codebook.analysis.userdata import analysis_dir, check_outside_hub_cache
 
     if args.output:
         path = Path(args.output).expanduser()
@@ -142,7 +142,7 @@ def _output(args, directory, name: str) -> Path:
 def _save_presets(args, directory, new: dict) -> Path:
     """Add the ``new`` presets to the ``topics.json`` the command writes, keeping the others it
     holds (or, when there is none yet, the model's)."""
-    from codebook.topics import TOPICS_NAME, load_topics, save_topics
+    from codebook.analysis.topics import TOPICS_NAME, load_topics, save_topics
 
     path = _output(args, directory, TOPICS_NAME)
     presets = load_topics(path if path.is_file() else directory)
@@ -158,11 +158,11 @@ def _topic_results(args, model, directory, patterns: dict[str, str]) -> dict:
     """Topic search for ``patterns`` (name → regex) over ``--data`` if given, else from the
     model's word statistics (context precision; ``word_topics.safetensors``), else over the
     model's index."""
-    from codebook.index import Layout, corpus_documents
-    from codebook.search import topic_search
+    from codebook.analysis.index import Layout, corpus_documents
+    from codebook.analysis.search import topic_search
+    from codebook.analysis.userdata import analysis_file
+    from codebook.analysis.word_topics import WORD_TOPICS_NAME, WordTopics
     from codebook.text import read_documents, token_surfaces
-    from codebook.userdata import analysis_file
-    from codebook.word_topics import WORD_TOPICS_NAME, WordTopics
 
     layout = Layout.of_model(model)
     # Enough ranked codes for the selection to skip codes of heads that are already full.
@@ -186,7 +186,7 @@ def _topic_results(args, model, directory, patterns: dict[str, str]) -> dict:
 
 def _topic_regex(topic: str, regex: str | None, presets: dict) -> str:
     """The regex of a topic: the one given, else its preset's, else the paper's, else the word."""
-    from codebook.topics import PAPER_TOPICS
+    from codebook.analysis.topics import PAPER_TOPICS
 
     if regex:
         return regex
@@ -198,8 +198,8 @@ def _topic_regex(topic: str, regex: str | None, presets: dict) -> str:
 def _topic_steering(args, model, found):
     """The steering a topic search result gives: its best codes of the last ``--last-layers``
     codebook layers, within the per-head limit."""
-    from codebook.index import Layout
-    from codebook.search import last_layers, select_codes
+    from codebook.analysis.index import Layout
+    from codebook.analysis.search import last_layers, select_codes
     from codebook.steering import Steering
 
     layout = Layout.of_model(model)
@@ -216,8 +216,8 @@ def _topic_steering(args, model, found):
 def _resolve_steering(args, model, directory):
     """``(steering, regex, source)`` for generate / steer-eval: ``--codes``, else the topic's
     preset, else a topic search."""
+    from codebook.analysis.topics import load_topics, preset_steering
     from codebook.steering import Steering
-    from codebook.topics import load_topics, preset_steering
 
     presets = load_topics(directory)
     regex = _topic_regex(args.topic, args.regex, presets) if args.topic else args.regex
@@ -257,9 +257,9 @@ def _add_index(subparsers) -> None:
 
 
 def _run_index(args) -> None:
-    from codebook.index import INDEX_NAME, build_index, topic_stories_first
+    from codebook.analysis.index import INDEX_NAME, build_index, topic_stories_first
+    from codebook.analysis.topics import load_topics
     from codebook.text import read_documents
-    from codebook.topics import load_topics
 
     model, directory = _load(args)
     output = _output(args, directory, INDEX_NAME)
@@ -287,7 +287,8 @@ def _add_word_topics(subparsers) -> None:
         "word-topics", help="per-word topic statistics, for topic search without --data",
         description="Run a codebook model over documents (its training text) and keep, for "
         "every word of at least --min-documents of them, its --top codes by context precision "
-        "(codebook/word_topics.py). Topic search then needs no --data for those words. Written "
+        "(codebook/analysis/word_topics.py). Topic search then needs no --data for those words. "
+        "Written "
         "beside the model (a Hub or the default model: your data directory) unless --output "
         "says otherwise.")
     _common(parser, json_output=False)
@@ -300,8 +301,8 @@ def _add_word_topics(subparsers) -> None:
 
 
 def _run_word_topics(args) -> None:
+    from codebook.analysis.word_topics import WORD_TOPICS_NAME, WordTopics
     from codebook.text import read_documents
-    from codebook.word_topics import WORD_TOPICS_NAME, WordTopics
 
     model, directory = _load(args)
     output = _output(args, directory, WORD_TOPICS_NAME)
@@ -335,8 +336,8 @@ def _add_code(subparsers) -> None:
 
 
 def _run_code(args) -> None:
-    from codebook.contexts import code_summary
-    from codebook.promote import promoted_tokens
+    from codebook.analysis.contexts import code_summary
+    from codebook.analysis.promote import promoted_tokens
     from codebook.steering import CodeRef
     from codebook.text import token_surfaces
 
@@ -381,7 +382,7 @@ def _add_search(subparsers) -> None:
 
 
 def _run_search(args) -> None:
-    from codebook.search import code_search, regex_targets, token_targets
+    from codebook.analysis.search import code_search, regex_targets, token_targets
     from codebook.text import token_surfaces
 
     model, directory = _load(args)
@@ -435,7 +436,7 @@ def _add_topics(subparsers) -> None:
 
 def _run_topics(args) -> None:
     from codebook import hub
-    from codebook.topics import load_topics, make_preset
+    from codebook.analysis.topics import load_topics, make_preset
 
     if not args.topic:
         presets = load_topics(hub.resolve_model_dir(args.model))
@@ -500,7 +501,7 @@ def _add_generate(subparsers) -> None:
 
 
 def _run_generate(args) -> None:
-    from codebook.steer_eval import continuation_text, sample
+    from codebook.analysis.steer_eval import continuation_text, sample
     from codebook.text import encode_document
 
     model, directory = _load(args)
@@ -550,8 +551,8 @@ def _add_steer_eval(subparsers) -> None:
 
 
 def _run_steer_eval(args) -> None:
-    from codebook.steer_eval import steer_eval
-    from codebook.topics import load_topics, make_preset
+    from codebook.analysis.steer_eval import steer_eval
+    from codebook.analysis.topics import load_topics, make_preset
 
     model, directory = _load(args)
     steering, regex, source = _resolve_steering(args, model, directory)
@@ -599,7 +600,8 @@ def _add_presets(subparsers) -> None:
     parser = subparsers.add_parser(
         "presets", help="find, calibrate and evaluate topic presets; save them in topics.json",
         description="For each topic: topic search over --data (one pass for all topics), then "
-        "calibration (codebook/calibrate.py: every set of layers x number of codes x strength "
+        "calibration (codebook/analysis/calibrate.py: every set of layers x number of codes x "
+        "strength "
         "x mode of the grid is "
         "sampled on --calibration-seed; the highest steered rate whose fluency ratio stays "
         "within --max-fluency wins), then the paper's steering evaluation of the chosen setting "
@@ -612,7 +614,7 @@ def _add_presets(subparsers) -> None:
     _data_options(parser, required=False, what="text files for topic search (default: the "
                   "model's word topic statistics, else its index)")
     _search_options(parser)
-    # Defaults (None) are codebook/calibrate.py's; importing it here would slow --help.
+    # Defaults (None) are codebook/analysis/calibrate.py's; importing it here would slow --help.
     parser.add_argument("--num-codes", type=int, nargs="+",
                         help="numbers of codes to try (default: 6 12 24)")
     parser.add_argument("--strengths", type=float, nargs="+",
@@ -656,10 +658,10 @@ def _maybe(value: float | None) -> str:
 
 
 def _run_presets(args) -> None:
-    from codebook import calibrate as grid
-    from codebook.calibrate import calibrate
-    from codebook.steer_eval import steer_eval
-    from codebook.topics import PAPER_TOPICS, load_topics, make_preset, plot_presets
+    from codebook.analysis import calibrate as grid
+    from codebook.analysis.calibrate import calibrate
+    from codebook.analysis.steer_eval import steer_eval
+    from codebook.analysis.topics import PAPER_TOPICS, load_topics, make_preset, plot_presets
 
     for name, default in (("num_codes", list(grid.NUM_CODES)), ("strengths", list(grid.STRENGTHS)),
                           ("per_head", grid.PER_HEAD), ("max_fluency", grid.MAX_FLUENCY),

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from codebook.analysis.regex import Regex, compile_regex
 from codebook.steering import Steering
-from codebook.text import Regex, compile_regex, encode_document, stop_ids
+from codebook.text import encode_document, stop_ids
 
 PAPER_PROMPTS = ("", "Once upon a time,", "Once there was a", "A long time ago,")
 
