@@ -145,7 +145,8 @@ def ranked_planted_first():
 def test_calibration_keeps_the_strongest_setting_within_the_fluency_limit():
     model = steerable_model()
     grid = dict(num_codes=(1,), strengths=(0.05, 1.0), per_head=3, modes=("add",),
-                prompts=PROMPTS, samples_per_prompt=3, max_new_tokens=5, progress=False)
+                prompts=PROMPTS, samples_per_prompt=3, max_new_tokens=5, progress=False,
+                min_distinct=0)  # "dragon dragon ..." repeats itself (tested below)
     loose = calibrate(model, ranked_planted_first(), "dragon", max_fluency=1000, **grid)
     weak, strong = loose.trials
     assert (weak["strength"], strong["strength"]) == (0.05, 1.0)
@@ -189,6 +190,52 @@ def test_calibration_measures_what_steer_eval_measures():
     # The modes steer differently here, or trying both would prove nothing.
     assert len({(t["rate"], round(t["fluency_ratio"], 6)) for t in found.trials
                 if t["num_codes"] == 1}) == 2
+
+
+def test_calibration_finalists_are_chosen_on_both_rounds():
+    model = steerable_model()
+    grid = dict(num_codes=(1, 3), strengths=(0.3, 0.5), per_head=3, modes=("add",),
+                prompts=PROMPTS, samples_per_prompt=3, max_new_tokens=6, seed=4, progress=False,
+                max_fluency=1000, min_distinct=0)
+    found = calibrate(model, ranked_planted_first(), "dragon", finalists=2, **grid)
+    finalists = [t for t in found.trials if "both_rounds" in t]
+    assert len(finalists) == 2
+    # The finalists are the first round's best rates...
+    assert min(t["rate"] for t in finalists) >= max(t["rate"] for t in found.trials
+                                                    if "both_rounds" not in t)
+    # ...measured again on the next seed: over both rounds, what steer_eval measures on each.
+    for trial in finalists:
+        steering = Steering([c.ref for c in ranked_planted_first()][:trial["num_codes"]],
+                            strength=trial["strength"], mode="add")
+        rates = [steer_eval(model, steering, "dragon", prompts=PROMPTS, samples_per_prompt=3,
+                            max_new_tokens=6, seed=seed, progress=False)["steered"]["rate"]
+                 for seed in (4, 5)]
+        assert rates[0] == trial["rate"]
+        assert trial["both_rounds"]["rate"] == pytest.approx(sum(rates) / 2)
+    assert found.chosen == max(
+        (found.trials.index(t) for t in finalists),
+        key=lambda i: (found.trials[i]["both_rounds"]["rate"],
+                       -found.trials[i]["both_rounds"]["fluency_ratio"]))
+    assert found.to_dict()["finalists"] == 2
+    one_round = calibrate(model, ranked_planted_first(), "dragon", finalists=0, **grid)
+    assert not any("both_rounds" in t for t in one_round.trials)
+    with pytest.raises(ValueError, match="finalists must be 0 or more"):
+        calibrate(model, ranked_planted_first(), "dragon", finalists=-1, **grid)
+
+
+def test_calibration_refuses_settings_that_repeat_themselves():
+    model = steerable_model()
+    grid = dict(num_codes=(1,), strengths=(0.05, 1.0), per_head=3, modes=("add",),
+                prompts=PROMPTS, samples_per_prompt=3, max_new_tokens=5, max_fluency=1000,
+                progress=False)
+    # At full strength the planted code writes "dragon dragon ...": distinct-2 collapses.
+    repetitive = calibrate(model, ranked_planted_first(), "dragon", min_distinct=0, **grid)
+    weak, strong = repetitive.trials
+    assert strong["distinct_2"] < 0.5 * weak["distinct_2"] and repetitive.chosen == 1
+    varied = calibrate(model, ranked_planted_first(), "dragon", min_distinct=0.9, **grid)
+    assert varied.chosen == 0 and varied.to_dict()["min_distinct"] == 0.9
+    with pytest.raises(ValueError, match="min_distinct must be between 0 and 1"):
+        calibrate(model, ranked_planted_first(), "dragon", min_distinct=1.5, **grid)
 
 
 def test_calibration_restricts_codes_to_the_last_layers():
@@ -390,8 +437,9 @@ def test_cli_presets_search_calibrate_evaluate_and_save(model_dir, data_file, ca
     assert again["codes_source"] == "preset"
     assert again["steered"]["rate"] == evaluation["steered"]["rate"]
     assert again["fluency_ratio"] == pytest.approx(evaluation["fluency_ratio"])
-    status, _, err = run_cli(capsys, *argv, "--seed", 1)
-    assert status == 1 and "--seed and --calibration-seed are both 1" in err
+    for seed in (1, 2):  # the calibration's two rounds
+        status, _, err = run_cli(capsys, *argv, "--seed", seed)
+        assert status == 1 and f"--seed {seed} is a calibration seed" in err
     status, _, err = run_cli(capsys, *argv, "--last-layers", "1", "late")
     assert status == 1 and "--last-layers takes positive numbers or 'all', got 'late'" in err
     with pytest.raises(ValueError, match="no preset has a steering evaluation"):

@@ -37,6 +37,9 @@ SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors",
                  "eval.json", "metrics.jsonl", "run_summary.json", "loss.png", "code_usage.png",
                  "README.md", "word_topics.safetensors", "topics.json", "steering.png",
                  "code_index.safetensors")
+# The shipped card's metadata: the project's licence (MIT, like its code); no base model (the
+# base is pretrained here from scratch); the TinyStories stories (CDLA-Sharing-1.0, in the card).
+SHIPPED_CARD = {"license": "mit", "base_model": None, "datasets": ["roneneldan/TinyStories"]}
 
 
 @dataclasses.dataclass
@@ -70,8 +73,9 @@ class BuildConfig:
     # analysis
     min_documents: int = 20
     topics: list[str] | None = None  # default: the paper's seven
-    preset_num_codes: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 24])
-    preset_strengths: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.5, 2.0])
+    preset_num_codes: list[int] = dataclasses.field(default_factory=lambda: [8, 12, 16, 24])
+    preset_strengths: list[float] = dataclasses.field(
+        default_factory=lambda: [1.25, 1.5, 1.75, 2.0])
     calibration_samples: int = 5
     samples_per_prompt: int = 10
     max_new_tokens: int = 200
@@ -243,7 +247,7 @@ def build_default(build: BuildConfig) -> Path | None:
     if build.card_notes and Path(build.card_notes).is_file():
         from training.report import write_model_card
 
-        write_model_card(output, build.card_notes)
+        write_model_card(output, build.card_notes, **SHIPPED_CARD)
     print(f"[ship] copied the model to {output}", flush=True)
     return output
 

@@ -627,7 +627,14 @@ def _add_presets(subparsers) -> None:
                         help="steering modes to try (default: add replace)")
     parser.add_argument("--max-fluency", type=float, help="largest steered/unsteered loss "
                         "ratio a calibrated setting may have (default: 1.2)")
-    parser.add_argument("--calibration-seed", type=int, help="seed for calibration (default: 1)")
+    parser.add_argument("--min-distinct", type=float, help="smallest steered distinct-2 a "
+                        "calibrated setting may have, as a fraction of the unsteered (default: "
+                        "0.9)")
+    parser.add_argument("--finalists", type=int, help="settings with the best rates that "
+                        "sample again on the seed after --calibration-seed; the best over both "
+                        "rounds wins (default: 3; 0: one round)")
+    parser.add_argument("--calibration-seed", type=int, help="seed for calibration (default: 1; "
+                        "the finalists' second round uses the next seed)")
     parser.add_argument("--calibration-samples", type=int, default=5,
                         help="samples per prompt for each calibration setting")
     parser.add_argument("--samples-per-prompt", type=int, default=10,
@@ -665,14 +672,16 @@ def _run_presets(args) -> None:
 
     for name, default in (("num_codes", list(grid.NUM_CODES)), ("strengths", list(grid.STRENGTHS)),
                           ("per_head", grid.PER_HEAD), ("max_fluency", grid.MAX_FLUENCY),
+                          ("min_distinct", grid.MIN_DISTINCT), ("finalists", grid.FINALISTS),
                           ("calibration_seed", grid.CALIBRATION_SEED),
                           ("last_layers", list(grid.LAST_LAYERS)), ("modes", list(grid.MODES))):
         if getattr(args, name) is None:
             setattr(args, name, default)
     args.last_layers = [_last_layers(value) for value in args.last_layers]
-    if args.seed == args.calibration_seed:
-        raise ValueError(f"--seed and --calibration-seed are both {args.seed}: evaluate on a "
-                         "seed the calibration did not choose with")
+    if args.seed in (args.calibration_seed, args.calibration_seed + 1):
+        raise ValueError(f"--seed {args.seed} is a calibration seed (--calibration-seed "
+                         f"{args.calibration_seed} and, for the finalists, the next): evaluate "
+                         "on a seed the calibration did not choose with")
     model, directory = _load(args)
     presets = load_topics(directory)
     topics = args.topic or list(PAPER_TOPICS)
@@ -683,9 +692,9 @@ def _run_presets(args) -> None:
         calibration = calibrate(
             model, found.codes, patterns[topic], num_codes=args.num_codes,
             strengths=args.strengths, last_layers=args.last_layers, per_head=args.per_head,
-            modes=args.modes, max_fluency=args.max_fluency,
-            samples_per_prompt=args.calibration_samples, max_new_tokens=args.max_new_tokens,
-            seed=args.calibration_seed,
+            modes=args.modes, max_fluency=args.max_fluency, min_distinct=args.min_distinct,
+            finalists=args.finalists, samples_per_prompt=args.calibration_samples,
+            max_new_tokens=args.max_new_tokens, seed=args.calibration_seed,
             progress=args.progress)
         steering = calibration.steering
         evaluation = steer_eval(model, steering, patterns[topic],

@@ -116,6 +116,13 @@ def sample_prompts(
     return run
 
 
+def merge_runs(first: dict, second: dict) -> dict:
+    """Two :func:`sample_prompts` runs as one (e.g. the same setting on two seeds)."""
+    return {"texts": first["texts"] + second["texts"], "prompt": first["prompt"] + second["prompt"],
+            "lengths": first["lengths"] + second["lengths"], "nll": first["nll"] + second["nll"],
+            "tokens": first["tokens"] + second["tokens"]}
+
+
 def summarize(run: dict, regex: Regex, prompts, keep_samples: bool = False) -> dict:
     """Success rate (overall and per prompt), loss, distinct-2 and length of a
     :func:`sample_prompts` run."""
