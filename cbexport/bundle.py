@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cbexport import manifest as mf
-from cbexport.card import model_card
+from cbexport.card import model_card, source_metadata
 from cbexport.decoder import decoder_shape
 from cbexport.steer import steering_arrays, topic_spec
 from codebook import hub
@@ -164,7 +164,9 @@ def _write_bundle(model: CodebookModel, directory: Path | None, source: str, sta
         raise ExportError(f"verification failed (max logit difference or identical tokens in "
                           f"brackets): {'; '.join(failed)}")
     manifest["file_sizes"] = _sizes(staging)  # the card lists them (all but itself)
-    (staging / mf.FILES["card"]).write_text(model_card(manifest, report))
+    metadata = source_metadata(hub.card_metadata(directory) if directory else {},
+                               hub.hub_repo_id(source) if directory else None)
+    (staging / mf.FILES["card"]).write_text(model_card(manifest, report, metadata))
     manifest["file_sizes"] = _sizes(staging)
     _write_json(staging / mf.MANIFEST, manifest)
     return manifest

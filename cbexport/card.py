@@ -1,8 +1,15 @@
-"""The bundle's model card (``README.md``): what is inside and how to run and steer it."""
+"""The bundle's model card (``README.md``): what is inside and how to run and steer it.
+
+Its front matter is written through ``huggingface_hub``'s ``ModelCardData``: the bundle's tags,
+and the ``license``, ``base_model`` and ``datasets`` that :func:`source_metadata` carries over
+from the exported model.
+"""
 
 from __future__ import annotations
 
 from cbexport import manifest as mf
+
+TAGS = ["codebook-features", "onnx", "text-generation", "steering"]
 
 
 def human_size(n: int) -> str:
@@ -13,15 +20,25 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def model_card(manifest: dict, report: dict) -> str:
+def source_metadata(source_card: dict, source_repo: str | None) -> dict:
+    """The card metadata a bundle inherits from the model it was exported from: that model's
+    ``license`` and ``datasets`` (from its card, ``source_card``), and as ``base_model`` the
+    model itself when it is a Hub repo (``source_repo``: the bundle is a conversion of it), else
+    its own ``base_model``."""
+    return {"license": source_card.get("license"),
+            "base_model": source_repo or source_card.get("base_model"),
+            "datasets": source_card.get("datasets")}
+
+
+def model_card(manifest: dict, report: dict, metadata: dict | None = None) -> str:
+    """The card's text; ``metadata``: ``ModelCardData`` fields besides the tags (see
+    :func:`source_metadata`)."""
+    from codebook.hub import model_card as card_with_metadata  # torch: only exports write cards
+
     model, cb, sites = manifest["model"], manifest["codebook"], manifest["sites"]
     example = sites[0]
     code = f"{example['layer']}:{example['site']}:0:0"
     lines = [
-        "---",
-        "tags: [codebook-features, onnx, text-generation, steering]",
-        "---",
-        "",
         f"# Codebook model bundle: {manifest['source']}",
         "",
         f"A {model['model_type']} causal language model ({model['num_layers']} layers, vocabulary "
@@ -136,4 +153,5 @@ def model_card(manifest: dict, report: dict) -> str:
         f"{report['tolerance']:.0e}){ties}. Details in `{mf.FILES['verification']}`.",
         "",
     ]
-    return "\n".join(lines)
+    return card_with_metadata("\n".join(lines), **(metadata or {}), tags=TAGS,
+                              pipeline_tag="text-generation")

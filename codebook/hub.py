@@ -194,3 +194,47 @@ def load_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+
+
+# -- model cards -------------------------------------------------------------------------------
+
+CARD_NAME = "README.md"
+
+
+def hub_repo_id(name: str | os.PathLike) -> str | None:
+    """The Hub repo id ``name`` names (its ``@revision`` dropped), as a card's ``base_model``;
+    ``None`` for the embedded default model, an existing local path, or anything that is not a
+    valid repo id (a ``llama2c:`` file, a path of three parts). Asks nothing of the Hub."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    name = str(name).strip()
+    if (not name or name == DEFAULT_MODEL_NAME or name.startswith((".", "/", "~"))
+            or Path(name).expanduser().exists()):
+        return None
+    repo_id, _ = split_revision(name)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return None
+    return repo_id
+
+
+def model_card(text: str, **metadata) -> str:
+    """A model card (``README.md``): the Markdown ``text`` under the YAML front matter of
+    ``huggingface_hub.ModelCardData(**metadata)`` (e.g. ``license``, ``base_model``, ``tags``,
+    ``datasets``, ``library_name``, ``pipeline_tag``; fields that are ``None`` are left out)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(**metadata)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text.lstrip()}"))
+
+
+def card_metadata(directory: str | os.PathLike) -> dict:
+    """The front matter of the model card in ``directory`` (``{}`` when it has none)."""
+    path = Path(directory) / CARD_NAME
+    if not path.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()

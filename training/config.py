@@ -24,7 +24,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # differ between a run and its resumption.
 RUNTIME_FIELDS = ("resume", "threads", "progress", "push_to_hub", "device", "log_every",
                   "eval_every", "eval_tokens", "checkpoint_every", "keep_checkpoints",
-                  "card_notes")
+                  "card_notes", "license")
 
 
 def option(default=dataclasses.MISSING, help: str = "", factory: bool = False):
@@ -92,6 +92,8 @@ class FinetuneConfig:
     progress: bool = option(True, "show a progress bar")
     push_to_hub: str | None = option(None, "Hub repo id to upload the final model to")
     card_notes: str | None = option(None, "a Markdown file appended to the model card")
+    license: str | None = option(None, "licence in the model card's metadata, e.g. mit "
+                                       "(default: the base model card's)")
 
     def __post_init__(self):
         self.data = list(self.data)

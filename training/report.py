@@ -12,14 +12,17 @@ from pathlib import Path
 
 import torch
 
+from codebook import hub
 from training.config import RUNTIME_FIELDS, FinetuneConfig
+from training.data import HUB_PREFIX, parse_hub_source
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 USAGE_PLOT = "code_usage.png"
 EVAL_FILE = "eval.json"
 SUMMARY_FILE = "run_summary.json"
-CARD_FILE = "README.md"
+CARD_FILE = hub.CARD_NAME
+LIBRARY_NAME = "codebook-features-studio"
 
 
 class MetricsLog:
@@ -124,26 +127,68 @@ def _lm_row(label: str, m: dict) -> str:
     return f"| {label} | {m['loss']:.4f} | {m['bits_per_byte']:.4f} | {m['accuracy']:.4f} |"
 
 
-def write_model_card(directory: Path, notes_file: str | None = None) -> None:
+def write_model_card(directory: Path, notes_file: str | None = None, **metadata) -> None:
     """(Re)write ``README.md`` of a finished run from its saved recipe, summary and evaluation,
-    with the Markdown of ``notes_file`` (e.g. measurements made after training) appended."""
+    with the Markdown of ``notes_file`` (e.g. measurements made after training) appended.
+
+    The front matter is :func:`card_metadata`'s, its licence, when the recipe names none, the
+    base model's (:func:`base_license`); ``metadata`` (``ModelCardData`` fields) replaces any of
+    it, e.g. the shipped default model's licence and data set."""
     config = FinetuneConfig.load(directory)
     summary = json.loads((directory / SUMMARY_FILE).read_text())
     evaluation = json.loads((directory / EVAL_FILE).read_text())
     notes = Path(notes_file).read_text() if notes_file else ""
     plots = [name for name in (LOSS_PLOT, USAGE_PLOT) if (directory / name).is_file()]
-    (directory / CARD_FILE).write_text(model_card(config, summary, evaluation, notes, plots))
+    front = card_metadata(config)
+    if front["license"] is None and not config.reinit_base and "license" not in metadata:
+        front["license"] = base_license(config.base)
+    (directory / CARD_FILE).write_text(model_card(config, summary, evaluation, notes, plots,
+                                                  front | metadata))
+
+
+def card_metadata(config: FinetuneConfig) -> dict:
+    """The card's front matter, as ``huggingface_hub.ModelCardData`` fields: ``license`` from
+    ``--license`` (else ``None``), ``base_model`` the base's Hub repo id (``None`` for a local or
+    llama2.c base, and for one re-initialised: trained from scratch), ``datasets`` the Hub data
+    sets of ``--data`` and ``--val-data``, and the tags."""
+    tags = ["codebook-features", "interpretability"]
+    if any("tinystories" in d.lower() for d in config.data):
+        tags.append("tinystories")
+    datasets = [hub.split_revision(parse_hub_source(d[len(HUB_PREFIX):])[0])[0]
+                for d in (*config.data, *config.val_data) if d.startswith(HUB_PREFIX)]
+    return {"license": config.license,
+            "base_model": None if config.reinit_base else hub.hub_repo_id(config.base),
+            "datasets": list(dict.fromkeys(datasets)) or None, "library_name": LIBRARY_NAME,
+            "tags": tags, "pipeline_tag": "text-generation"}
+
+
+def base_license(base: str) -> str | None:
+    """The licence in the card of the base model: a local directory's ``README.md``, or a Hub
+    repo's (fetched alone; with ``HF_HUB_OFFLINE=1`` only from the cache). ``None`` when there
+    is no card, it names no licence, or the Hub cannot be reached."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return hub.card_metadata(path).get("license")
+    repo_id = hub.hub_repo_id(base)
+    if repo_id is None:
+        return None
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    try:
+        card = hf_hub_download(repo_id, hub.CARD_NAME, revision=hub.split_revision(base)[1])
+        return ModelCard.load(card, ignore_metadata_errors=True).data.license
+    except Exception:  # no card, no network, no access: the card names no licence
+        return None
 
 
 def model_card(config: FinetuneConfig, summary: dict, evaluation: dict, notes: str = "",
-               plots: list[str] | None = None) -> str:
+               plots: list[str] | None = None, metadata: dict | None = None) -> str:
     """The README.md of a trained model: base, data, recipe, metrics, how to reproduce.
-    ``plots``: the plot files to list (default: the loss plot, and code usage with codebooks)."""
+    ``plots``: the plot files to list (default: the loss plot, and code usage with codebooks);
+    ``metadata``: the front matter (default: :func:`card_metadata`)."""
     has_codebooks = "sites" in evaluation
-    tags = ["codebook-features", "interpretability"] + (["tinystories"] if any(
-        "tinystories" in d.lower() for d in config.data) else [])
-    front = ["---", "library_name: codebook-features-studio",
-             "tags:", *[f"- {t}" for t in tags], "pipeline_tag: text-generation", "---", ""]
+    if metadata is None:
+        metadata = card_metadata(config)
     title = "Codebook model" if has_codebooks else "Finetuned model (no codebooks)"
     lines = [f"# {title}: {Path(config.output).name}", ""]
     if has_codebooks:
@@ -204,4 +249,4 @@ def model_card(config: FinetuneConfig, summary: dict, evaluation: dict, notes: s
              *(f"`{name}`" for name in plots), "`training_config.json` (the recipe)",
              f"`{SUMMARY_FILE}`"]
     lines += ["## Files", "", ", ".join(files) + ".", ""]
-    return "\n".join(front + lines)
+    return hub.model_card("\n".join(lines), **metadata)
