@@ -21,7 +21,8 @@ Signature (mirrors ``torch.ops.codebook.topk_codebook``; see ``codebook/ops.py``
 keeps the body free of optional-input branches. ``similarity`` and ``combine`` are recorded on
 every node for native kernels; the body is generated for the one combination a model uses (a
 codebook model has a single :class:`~codebook.configuration.CodebookConfig`), and
-:func:`check_nodes_match` refuses a graph whose nodes disagree with it.
+:func:`check_nodes_match` refuses a graph whose nodes disagree with it. The scores come from the
+similarity's own ONNX emitter (``onnx_scores`` of its entry in ``codebook.ops.SIMILARITIES``).
 """
 
 from __future__ import annotations
@@ -30,15 +31,14 @@ import onnx
 from onnx import TensorProto, helper
 from onnx.defs import OpSchema
 
+from codebook.ops import COMBINES, SIMILARITIES
+
 DOMAIN = "codebook"
 OP_TYPE = "TopKCodebook"
 DOMAIN_VERSION = 1
 INPUTS = ("x", "codebook", "bias", "scale")
 OUTPUTS = ("out", "indices")
 ATTRIBUTES = ("k", "similarity", "combine")
-
-# Same floor on vector norms as the eager op (codebook/ops.py, ``_EPS``).
-_EPS = 1e-8
 
 
 def op_schema() -> OpSchema:
@@ -55,21 +55,36 @@ def op_schema() -> OpSchema:
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
         attributes=[
             attr("k", OpSchema.AttrType.INT, "number of codes selected per group"),
-            attr("similarity", OpSchema.AttrType.STRING, "cosine | inner_product | euclidean"),
-            attr("combine", OpSchema.AttrType.STRING, "mean | sum"),
+            attr("similarity", OpSchema.AttrType.STRING, "a similarity of codebook.ops"),
+            attr("combine", OpSchema.AttrType.STRING, " | ".join(COMBINES)),
         ],
     )
 
 
 class _Body:
-    """Accumulates the function's nodes; every intermediate gets a unique readable name."""
+    """Accumulates the function's nodes. Every intermediate gets a unique readable name: the one
+    asked for, numbered if already taken (similarity emitters choose names without knowing the
+    rest of the body); the function's inputs and outputs keep theirs."""
 
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
+        self._names = set(INPUTS) | set(OUTPUTS)
 
     def op(self, op_type: str, inputs: list[str], output: str, **attrs) -> str:
-        self.nodes.append(helper.make_node(op_type, inputs, [output], **attrs))
-        return output
+        return self.node(op_type, inputs, [self.fresh(output)], **attrs)[0]
+
+    def node(self, op_type: str, inputs: list[str], outputs: list[str], **attrs) -> list[str]:
+        """A node writing ``outputs`` under exactly those names."""
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, **attrs))
+        return outputs
+
+    def fresh(self, name: str) -> str:
+        fresh, number = name, 1
+        while fresh in self._names:
+            number += 1
+            fresh = f"{name}_{number}"
+        self._names.add(fresh)
+        return fresh
 
     def ints(self, name: str, values: list[int]) -> str:
         value = helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
@@ -81,21 +96,13 @@ class _Body:
                       value=helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
         return self.op("CastLike", [raw, like], name)
 
-    def normalize_last(self, t: str, eps: str, name: str) -> str:
-        """``t / max(||t||, eps)`` along the last axis (as ``codebook.ops`` does for cosine)."""
-        last = self.ints(name + "_axis", [-1])
-        sq = self.op("Mul", [t, t], name + "_sq")
-        norm = self.op("Sqrt", [self.op("ReduceSum", [sq, last], name + "_sum", keepdims=1)],
-                       name + "_norm")
-        return self.op("Div", [t, self.op("Max", [norm, eps], name + "_clamped")], name)
-
 
 def build_function(opset: int, similarity: str, combine: str) -> onnx.FunctionProto:
     """The function body for one (similarity, combine) pair. ``opset`` must be the model's
     default-domain opset (a model-local function has to import the same version)."""
-    if similarity not in ("cosine", "inner_product", "euclidean"):
+    if similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}")
-    if combine not in ("mean", "sum"):
+    if combine not in COMBINES:
         raise ValueError(f"unknown combine {combine!r}")
     b = _Body()
     k_scalar = b.op("Constant", [], "k_scalar")
@@ -103,7 +110,6 @@ def build_function(opset: int, similarity: str, combine: str) -> onnx.FunctionPr
         helper.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name="k")
     )
     k = b.op("Reshape", [k_scalar, b.ints("one_dim", [1])], "k_1d")
-    eps = b.scalar_like("eps", _EPS, "x")
 
     # [..., g, d] -> [g, N, d]: one batched matmul scores every token of every group.
     x_shape = b.op("Shape", ["x"], "x_shape")
@@ -111,29 +117,11 @@ def build_function(opset: int, similarity: str, combine: str) -> onnx.FunctionPr
     flat = b.op("Reshape", ["x", b.op("Concat", [b.ints("minus_one", [-1]), group_dims],
                                       "flat_shape", axis=0)], "flat")
     xg = b.op("Transpose", [flat], "xg", perm=[1, 0, 2])
-    cb_t = "codebook"
-    if similarity == "cosine":
-        xg = b.normalize_last(xg, eps, "xg_unit")
-        cb_t = b.normalize_last("codebook", eps, "codebook_unit")
-    scores = b.op("MatMul", [xg, b.op("Transpose", [cb_t], "codebook_t", perm=[0, 2, 1])],
-                  "dot")  # [g, N, C]
-    if similarity == "euclidean":
-        # -||x - c||^2 = 2 x.c - ||c||^2 - ||x||^2 (the eager op's expansion, same rounding).
-        last = b.ints("last_axis", [-1])
-        code_sq = b.op("ReduceSum", [b.op("Mul", ["codebook", "codebook"], "cb_sq"), last],
-                       "code_sq_norm", keepdims=0)  # [g, C]
-        x_sq = b.op("ReduceSum", [b.op("Mul", [xg, xg], "x_sq_el"), last], "x_sq", keepdims=1)
-        two = b.scalar_like("two", 2.0, "x")
-        scores = b.op("Mul", [two, scores], "dot2")
-        scores = b.op("Sub", [scores, b.op("Unsqueeze", [code_sq, b.ints("axis1", [1])],
-                                           "code_sq_b")], "dot2_minus_c")
-        scores = b.op("Sub", [scores, x_sq], "neg_sq_dist")
+    scores = SIMILARITIES[similarity].onnx_scores(b, xg, "codebook")  # [g, N, C]
     bias_b = b.op("Unsqueeze", ["bias", b.ints("bias_axis", [1])], "bias_b")  # [g, 1, C]
     scores = b.op("Add", [scores, bias_b], "scores")
-    top_scores = "top_scores"
-    top_idx = "top_idx"
-    b.nodes.append(helper.make_node("TopK", [scores, k], [top_scores, top_idx], axis=-1,
-                                    largest=1, sorted=1))
+    top_scores, top_idx = b.node("TopK", [scores, k], [b.fresh("top_scores"), b.fresh("top_idx")],
+                                 axis=-1, largest=1, sorted=1)
 
     # Weight of each selected code: 0 when blocked (score -inf), 1/valid-count for mean, times
     # its scale. Scattered into a dense [g, N, C] matrix, the combination is one more matmul.
@@ -150,12 +138,13 @@ def build_function(opset: int, similarity: str, combine: str) -> onnx.FunctionPr
     dense = b.op("Mul", [dense, b.op("Unsqueeze", ["scale", b.ints("scale_axis", [1])],
                                      "scale_b")], "scaled_weights")
     combined = b.op("MatMul", [dense, "codebook"], "combined")  # [g, N, d]
-    b.op("Reshape", [b.op("Transpose", [combined], "combined_t", perm=[1, 0, 2]), x_shape], "out")
+    b.node("Reshape", [b.op("Transpose", [combined], "combined_t", perm=[1, 0, 2]), x_shape],
+           ["out"])
 
     lead = b.op("Shape", ["x"], "lead_shape", end=-1)  # [..., g]
     idx_shape = b.op("Concat", [lead, k], "indices_shape", axis=0)
-    b.op("Reshape", [b.op("Transpose", [top_idx], "top_idx_t", perm=[1, 0, 2]), idx_shape],
-         "indices")
+    b.node("Reshape", [b.op("Transpose", [top_idx], "top_idx_t", perm=[1, 0, 2]), idx_shape],
+           ["indices"])
 
     return helper.make_function(
         DOMAIN,

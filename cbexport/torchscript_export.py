@@ -39,6 +39,11 @@ _OP_HEADER = """\
 def export_torchscript(model: CodebookModel, path: str | Path, op_path: str | Path) -> dict:
     """Trace ``model``'s decoder to ``path`` and write the op module to ``op_path``."""
     check_exportable(model)
+    similarity = model.codebook_config.similarity
+    if similarity not in codebook.ops.BUILT_IN_SIMILARITIES:
+        raise ValueError(f"a TorchScript bundle's op module knows the built-in similarities only, "
+                         f"not the registered {similarity!r}: export the onnx format, whose "
+                         "model carries the similarity's definition")
     shape = decoder_shape(model)
     start = time.perf_counter()
     with capture_mode(model), torch.no_grad(), warnings.catch_warnings():

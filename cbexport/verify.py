@@ -40,7 +40,7 @@ from cbexport.steer import SteerSpec, steering_arrays, topic_spec
 from cbexport.torchscript_export import load_torchscript
 from codebook.configuration import SITES
 from codebook.modeling import CodebookModel
-from codebook.ops import prepare_codebook, similarity_scores
+from codebook.ops import SIMILARITIES
 from codebook.steering import Steering
 
 TOLERANCE = 1e-4
@@ -135,8 +135,7 @@ def _record_margin(key, margins: dict, layer, args, output) -> None:
     x = args[0]
     h = layer.normalize(x.reshape(*x.shape[:-1], layer.groups, layer.dim))
     flat = h.reshape(-1, layer.groups, layer.dim)
-    scoring, sq_norm = prepare_codebook(layer.codebook.to(flat.dtype), layer.similarity)
-    scores = similarity_scores(flat, scoring, sq_norm, layer.similarity)
+    scores = SIMILARITIES[layer.similarity].scores(flat, layer.codebook.to(flat.dtype))
     if layer.steering is not None:
         scores = scores + layer.steering.bias
     if layer.k == layer.num_codes:

@@ -65,7 +65,8 @@ class CodebookConfig:
             )
         self._check_per_site()
         if self.similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+            raise ValueError(f"similarity must be one of {tuple(SIMILARITIES)}, got "
+                             f"{self.similarity!r}")
         if self.combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
 

@@ -34,19 +34,27 @@ runs anywhere in the process, writes to a process-wide dict in ``torch.fx.traceb
 lock; two threads calling the op then corrupt it (a ``KeyError`` in ``annotate``, or metadata left
 behind). Registered this way, an eager call touches no such state, and skips the wrapper's cost.
 
-This file needs nothing but torch: TorchScript bundles ship a verbatim copy of it.
+Similarities are entries of one registry, :data:`SIMILARITIES` (see :class:`Similarity`): the op,
+the configuration, k-means initialisation and the ONNX export all look a similarity up there, so
+adding one is one :func:`register_similarity` call. :func:`reference_topk_codebook` is the op
+written plainly (score, top-k, combine), the tests' oracle for the chunked path.
+
+This file needs nothing but torch: TorchScript bundles ship a verbatim copy of it (so the ONNX
+emitters below build nodes through the caller's ``body`` and import nothing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SIMILARITIES = ("cosine", "inner_product", "euclidean")
 COMBINES = ("mean", "sum")
 
 # The defaults of every codebook: this op's Python API, CodebookLayer, CodebookConfig and the
@@ -100,33 +108,192 @@ def _check_args(x: Tensor, codebook: Tensor, k: int, bias, scale, similarity: st
                 f"{name} must have shape [{groups}, {num_codes}], got {tuple(t.shape)}"
             )
     if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        raise ValueError(f"similarity must be one of {tuple(SIMILARITIES)}, got {similarity!r}")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
 
 
-def prepare_codebook(codebook: Tensor, similarity: str) -> tuple[Tensor, Tensor | None]:
-    """Per-codebook terms of the score that do not depend on the input, done once per call rather
-    than per chunk: the (normalised, for cosine) codebook transposed to ``[g, d, C]`` for the
-    matrix multiply, and the squared code norms ``[g, C]`` for Euclidean distance."""
-    sq_norm = codebook.pow(2).sum(-1) if similarity == "euclidean" else None
-    if similarity == "cosine":
-        codebook = codebook / codebook.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    return codebook.transpose(1, 2).contiguous(), sq_norm
+# -- similarities --------------------------------------------------------------------------------
 
 
-def similarity_scores(
-    x: Tensor, scoring_codebook: Tensor, code_sq_norm: Tensor | None, similarity: str
-) -> Tensor:
-    """Scores ``[n, g, C]`` of ``x`` ``[n, g, d]`` against every code (higher = more similar);
-    ``scoring_codebook`` and ``code_sq_norm`` come from :func:`prepare_codebook`."""
-    xg = x.transpose(0, 1)  # [g, n, d]
-    if similarity == "cosine":
-        xg = xg / xg.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    scores = torch.bmm(xg, scoring_codebook)  # [g, n, C]
-    if similarity == "euclidean":
-        scores = 2 * scores - code_sq_norm[:, None, :] - xg.pow(2).sum(-1, keepdim=True)
-    return scores.transpose(0, 1)
+# score(xg, out): the scores [g, n, C] of one chunk of activations (see Similarity.chunk_scorer).
+ChunkScore = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Similarity:
+    """One similarity between activations and codes, in every form the project computes it.
+
+    ``scores(x, codebook)``
+        The similarity itself: ``x`` ``[..., g, d]`` against ``codebook`` ``[g, C, d]`` gives
+        ``[..., g, C]``, higher = more similar. The reference op, k-means assignment and the
+        export's near-tie check use it, and the op too where ``chunk_scorer`` is not given.
+    ``kmeans_distance(points, centre)``
+        ``[g, n, d]`` prepared points and one prepared centre ``[g, d]`` per group give a
+        non-negative ``[g, n]`` distance; k-means++ seeding draws points in proportion to it.
+    ``onnx_scores(body, x, codebook)``
+        The scores in an ONNX function: given the names of ``x`` ``[g, N, d]`` and ``codebook``
+        ``[g, C, d]``, adds standard-domain nodes with ``body.op(op_type, inputs, output,
+        **attributes)`` (which returns the output's name), ``body.ints(name, values)`` and
+        ``body.scalar_like(name, value, like)``, and returns the name of the scores ``[g, N, C]``
+        (see cbexport/onnx_function.py).
+    ``scale_invariant``
+        Whether multiplying every code by one positive factor leaves each token's ranking of the
+        codes unchanged: only then may k-means start ``combine="sum"`` codebooks at ``1/k`` of the
+        centroids (training/kmeans.py).
+    ``prepare(vectors)`` (optional)
+        Maps activations and codes alike to the form the similarity compares (cosine: unit
+        vectors), with ``scores(prepare(x), prepare(c))`` equal to ``scores(x, c)``. The op and
+        k-means++ prepare the codebook and the points once, not once per chunk or per centre.
+    ``chunk_scorer(codebook, bias)`` (optional, for speed)
+        Takes the prepared codebook and the bias ``[g, C]`` (or None) once per call and returns
+        ``score(xg, out)``: the scores of one chunk of prepared activations ``xg`` ``[g, n, d]``,
+        bias added, written into the buffer ``out`` ``[g, n, C]`` where it can. They only rank the
+        codes, so they may differ from ``scores`` by a constant per token and group.
+    """
+
+    name: str
+    scores: Callable[[Tensor, Tensor], Tensor]
+    kmeans_distance: Callable[[Tensor, Tensor], Tensor]
+    onnx_scores: Callable[[Any, str, str], str]
+    scale_invariant: bool
+    prepare: Callable[[Tensor], Tensor] | None = None
+    chunk_scorer: Callable[[Tensor, Tensor | None], ChunkScore] | None = None
+
+    def prepared(self, vectors: Tensor) -> Tensor:
+        return vectors if self.prepare is None else self.prepare(vectors)
+
+    def scorer(self, codebook: Tensor, bias: Tensor | None) -> ChunkScore:
+        """The op's ``score(xg, out)`` for the prepared ``codebook``: ``chunk_scorer``'s, or
+        ``scores`` plus ``bias``."""
+        if self.chunk_scorer is not None:
+            return self.chunk_scorer(codebook, bias)
+
+        def score(xg: Tensor, out: Tensor) -> Tensor:
+            scores = self.scores(xg.transpose(0, 1), codebook).transpose(0, 1)
+            return scores if bias is None else scores + bias[:, None, :]
+
+        return score
+
+
+# Every similarity by name. Register one with register_similarity; delete its entry to unregister.
+SIMILARITIES: dict[str, Similarity] = {}
+
+
+def register_similarity(similarity: Similarity) -> None:
+    """Make ``similarity`` available by its name to the op, the configuration, k-means and the
+    ONNX export. A TorchScript bundle's op module knows only the similarities defined here."""
+    if similarity.name in SIMILARITIES:
+        raise ValueError(f"a similarity named {similarity.name!r} is already registered")
+    SIMILARITIES[similarity.name] = similarity
+
+
+def _unit(vectors: Tensor) -> Tensor:
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def _dot(x: Tensor, codebook: Tensor) -> Tensor:
+    """``[..., g, C]`` inner products of ``x`` ``[..., g, d]`` with every code ``[g, C, d]``, as one
+    batched matrix multiply per group (the op's own layout, so the rounding is the op's)."""
+    xg = x.reshape(-1, *x.shape[-2:]).transpose(0, 1)  # [g, n, d]
+    scores = torch.bmm(xg, codebook.transpose(1, 2).contiguous())  # [g, n, C]
+    return scores.transpose(0, 1).reshape(*x.shape[:-1], codebook.shape[1])
+
+
+def _cosine_scores(x: Tensor, codebook: Tensor) -> Tensor:
+    return _dot(_unit(x), _unit(codebook))
+
+
+def _euclidean_scores(x: Tensor, codebook: Tensor) -> Tensor:
+    """``-||x - c||^2``, expanded as ``2 x.c - ||c||^2 - ||x||^2`` (no ``[..., g, C, d]``
+    differences in memory)."""
+    return 2 * _dot(x, codebook) - codebook.pow(2).sum(-1) - x.pow(2).sum(-1, keepdim=True)
+
+
+def _one_minus_dot(points: Tensor, centre: Tensor) -> Tensor:
+    """``1 - cos`` between unit vectors."""
+    return (1 - torch.einsum("gnd,gd->gn", points, centre)).clamp_min(0)
+
+
+def _squared_distance(points: Tensor, centre: Tensor) -> Tensor:
+    return (points - centre[:, None]).pow(2).sum(-1)
+
+
+def _matmul_scorer(squared_distance: bool):
+    """``chunk_scorer`` of the similarities that are one matrix multiply (the cosine's inputs are
+    already unit vectors): the codebook is transposed once to ``[g, d, C]``, and the terms added
+    to every token's scores (the bias; for ``-||x - c||^2 = 2 x.c - ||c||^2 - ||x||^2`` also
+    ``-||c||^2``) are folded into the multiply (baddbmm). ``-||x||^2`` is the same for every code
+    of a token and group, so it is left out: it cannot change the ranking."""
+
+    def chunk_scorer(codebook: Tensor, bias: Tensor | None):
+        offset = bias
+        if squared_distance:
+            sq_norm = codebook.pow(2).sum(-1)
+            offset = -sq_norm if offset is None else offset - sq_norm
+        table = codebook.transpose(1, 2).contiguous()
+        alpha = 2 if squared_distance else 1
+
+        def score(xg: Tensor, out: Tensor) -> Tensor:
+            if offset is None:
+                return torch.bmm(xg, table, out=out)
+            return torch.baddbmm(offset[:, None, :], xg, table, alpha=alpha, out=out)
+
+        return score
+
+    return chunk_scorer
+
+
+def _onnx_unit(body, vectors: str, name: str) -> str:
+    """``v / max(||v||, eps)`` along the last axis, as :func:`_unit`."""
+    squares = body.op("Mul", [vectors, vectors], name + "_sq")
+    total = body.op("ReduceSum", [squares, body.ints(name + "_axis", [-1])], name + "_sum",
+                    keepdims=1)
+    norm = body.op("Sqrt", [total], name + "_norm")
+    floor = body.op("Max", [norm, body.scalar_like(name + "_eps", _EPS, vectors)],
+                    name + "_clamped")
+    return body.op("Div", [vectors, floor], name)
+
+
+def _onnx_dot(body, x: str, codebook: str) -> str:
+    codebook_t = body.op("Transpose", [codebook], "codebook_t", perm=[0, 2, 1])
+    return body.op("MatMul", [x, codebook_t], "dot")
+
+
+def _onnx_cosine_scores(body, x: str, codebook: str) -> str:
+    return _onnx_dot(body, _onnx_unit(body, x, "x_unit"), _onnx_unit(body, codebook, "cb_unit"))
+
+
+def _onnx_euclidean_scores(body, x: str, codebook: str) -> str:
+    """``2 x.c - ||c||^2 - ||x||^2``, the expansion :func:`_euclidean_scores` uses."""
+    last = body.ints("last_axis", [-1])
+    code_sq = body.op("ReduceSum", [body.op("Mul", [codebook, codebook], "cb_sq"), last],
+                      "code_sq_norm", keepdims=0)  # [g, C]
+    x_sq = body.op("ReduceSum", [body.op("Mul", [x, x], "x_sq_el"), last], "x_sq", keepdims=1)
+    scores = body.op("Mul", [body.scalar_like("two", 2.0, x), _onnx_dot(body, x, codebook)],
+                     "dot2")
+    code_sq = body.op("Unsqueeze", [code_sq, body.ints("axis1", [1])], "code_sq_b")
+    scores = body.op("Sub", [scores, code_sq], "dot2_minus_c")
+    return body.op("Sub", [scores, x_sq], "neg_sq_dist")
+
+
+register_similarity(Similarity(
+    "cosine", _cosine_scores, _one_minus_dot, _onnx_cosine_scores, scale_invariant=True,
+    prepare=_unit, chunk_scorer=_matmul_scorer(squared_distance=False),
+))
+register_similarity(Similarity(
+    "inner_product", _dot, _squared_distance, _onnx_dot, scale_invariant=True,
+    chunk_scorer=_matmul_scorer(squared_distance=False),
+))
+register_similarity(Similarity(
+    "euclidean", _euclidean_scores, _squared_distance, _onnx_euclidean_scores,
+    scale_invariant=False, chunk_scorer=_matmul_scorer(squared_distance=True),
+))
+# The similarities this file defines: all that a TorchScript bundle's copy of it knows.
+BUILT_IN_SIMILARITIES = tuple(SIMILARITIES)
+
+
+# -- the op --------------------------------------------------------------------------------------
 
 
 def top_codes(scores: Tensor, k: int, block: int = 0) -> tuple[Tensor, Tensor]:
@@ -260,6 +427,33 @@ def topk_codebook(
     )
 
 
+def reference_topk_codebook(
+    x: Tensor,
+    codebook: Tensor,
+    k: int,
+    bias: Tensor | None = None,
+    scale: Tensor | None = None,
+    similarity: str = DEFAULT_SIMILARITY,
+    combine: str = DEFAULT_COMBINE,
+) -> tuple[Tensor, Tensor]:
+    """:func:`topk_codebook` written plainly, all scores at once: the tests' oracle.
+
+    Same outputs (up to rounding). Its gradient reaches the selected codes only; the op also
+    passes the output's gradient straight through to ``x`` and adds the reconstruction term's.
+    """
+    scores = SIMILARITIES[similarity].scores(x, codebook)  # [..., g, C]
+    if bias is not None:
+        scores = scores + bias  # steering: +inf forces a code, -inf blocks it
+    top, indices = scores.topk(k, dim=-1)  # [..., g, k], best first
+    weights = (top > -math.inf).to(codebook.dtype)  # a blocked code adds nothing
+    if combine == "mean":
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
+    groups = torch.arange(codebook.shape[0], device=codebook.device)[:, None]
+    if scale is not None:
+        weights = weights * scale[groups, indices]
+    return (weights[..., None] * codebook[groups, indices]).sum(-2), indices
+
+
 # Defaults as in the schema: the dispatcher leaves out trailing arguments that have them.
 def _forward(x, codebook, k, bias=None, scale=None, similarity=_SCHEMA_SIMILARITY,
              combine=_SCHEMA_COMBINE, reconstruction_weight=1.0, chunk_size=0):
@@ -267,13 +461,9 @@ def _forward(x, codebook, k, bias=None, scale=None, similarity=_SCHEMA_SIMILARIT
     groups, num_codes, dim = codebook.shape
     flat = x.reshape(-1, groups, dim)
     num_tokens = flat.shape[0]
-    scoring_cb, code_sq_norm = prepare_codebook(codebook.to(x.dtype), similarity)
-    # Terms added to every token's scores, folded into the matrix multiply (baddbmm). Euclidean
-    # scores leave out -|x|^2, a constant per token and group that cannot change the ranking.
-    offset = None if bias is None else bias.to(x.dtype)
-    if code_sq_norm is not None:
-        offset = -code_sq_norm if offset is None else offset - code_sq_norm
-    alpha = 2 if similarity == "euclidean" else 1
+    measure = SIMILARITIES[similarity]
+    score = measure.scorer(measure.prepared(codebook.to(x.dtype)),
+                           None if bias is None else bias.to(x.dtype))
     table = codebook.float()  # combined in float32 whatever the input dtype
     block = _topk_block(num_codes, k, x.device)
     out = torch.empty_like(flat)
@@ -284,14 +474,9 @@ def _forward(x, codebook, k, bias=None, scale=None, similarity=_SCHEMA_SIMILARIT
     buffer = torch.empty(groups * min(step, num_tokens) * num_codes, dtype=x.dtype,
                          device=x.device)
     for start in range(0, num_tokens, step):
-        xg = flat[start : start + step].transpose(0, 1)  # [g, n, d]
-        if similarity == "cosine":
-            xg = xg / xg.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        scores = buffer[: xg.shape[0] * xg.shape[1] * num_codes].view(*xg.shape[:2], num_codes)
-        if offset is None:
-            torch.bmm(xg, scoring_cb, out=scores)  # [g, n, C]
-        else:
-            torch.baddbmm(offset[:, None, :], xg, scoring_cb, alpha=alpha, out=scores)
+        xg = measure.prepared(flat[start : start + step].transpose(0, 1))  # [g, n, d]
+        scores = score(xg, buffer[: xg.shape[0] * xg.shape[1] * num_codes].view(
+            *xg.shape[:2], num_codes))  # [g, n, C]
         top_scores, top_idx = top_codes(scores, k, block)
         chosen = top_idx.transpose(0, 1)  # [n, g, k]
         indices[start : start + step] = chosen

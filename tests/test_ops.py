@@ -1,4 +1,5 @@
-"""The ``codebook::topk_codebook`` op against a naive reference that materialises all scores."""
+"""The ``codebook::topk_codebook`` op against its plain reference (``reference_topk_codebook``,
+all scores at once), whose similarity scores are checked against their textbook definitions."""
 
 from __future__ import annotations
 
@@ -13,35 +14,14 @@ import torch.fx.traceback as fx_traceback
 from torch.library import opcheck
 
 from codebook import ops
-from codebook.ops import top_codes, topk_codebook
+from codebook.ops import reference_topk_codebook, top_codes, topk_codebook
 
-
-def naive_scores(x, codebook, similarity):
-    if similarity == "cosine":
-        x = torch.nn.functional.normalize(x, dim=-1, eps=1e-8)
-        codebook = torch.nn.functional.normalize(codebook, dim=-1, eps=1e-8)
-        return torch.einsum("...gd,gcd->...gc", x, codebook)
-    if similarity == "inner_product":
-        return torch.einsum("...gd,gcd->...gc", x, codebook)
-    return -((x.unsqueeze(-2) - codebook) ** 2).sum(-1)
-
-
-def naive_topk(x, codebook, k, bias=None, scale=None, similarity=ops.DEFAULT_SIMILARITY,
-               combine=ops.DEFAULT_COMBINE):
-    """Straightforward reference: full score matrix, top-k, gather, combine (differentiable
-    w.r.t. the codebook through the gather)."""
-    scores = naive_scores(x, codebook, similarity)
-    if bias is not None:
-        scores = scores + bias
-    top, idx = scores.topk(k, dim=-1)
-    valid = (top > -math.inf).float()
-    weights = valid / valid.sum(-1, keepdim=True).clamp_min(1) if combine == "mean" else valid
-    groups = torch.arange(codebook.shape[0])[:, None]
-    if scale is not None:
-        weights = weights * scale[groups, idx]
-    vectors = codebook[groups, idx]  # [..., g, k, d]
-    return (weights.unsqueeze(-1) * vectors).sum(-2), idx
-
+# The built-in similarities by their textbook definitions, elementwise over [..., g, C, d].
+TEXTBOOK_SCORES = {
+    "cosine": lambda x, c: torch.nn.functional.cosine_similarity(x, c, dim=-1, eps=1e-8),
+    "inner_product": lambda x, c: (x * c).sum(-1),
+    "euclidean": lambda x, c: -((x - c) ** 2).sum(-1),
+}
 
 CASES = list(itertools.product(["cosine", "inner_product", "euclidean"], ["mean", "sum"]))
 
@@ -62,9 +42,21 @@ def test_seeds_are_the_same_in_every_run():
     assert [seed_for("cosine", "mean", 0), seed_for("euclidean", "sum", 7)] == [972, 547]
 
 
+@pytest.mark.parametrize("similarity", ops.SIMILARITIES)
+def test_the_reference_scores_are_the_textbook_similarities(similarity):
+    """The independent check under the reference op: its scores, for a few lead shapes."""
+    codebook = torch.randn(3, 7, 5)
+    for lead in [(), (4,), (2, 6)]:
+        x = torch.randn(*lead, 3, 5)
+        got = ops.SIMILARITIES[similarity].scores(x, codebook)
+        want = TEXTBOOK_SCORES[similarity](x.unsqueeze(-2), codebook)
+        assert got.shape == (*lead, 3, 7)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("similarity,combine", CASES)
 @pytest.mark.parametrize("chunk_size", [0, 1, 7])
-def test_matches_naive_reference(similarity, combine, chunk_size):
+def test_matches_the_reference(similarity, combine, chunk_size):
     torch.manual_seed(seed_for(similarity, combine, chunk_size))
     x = torch.randn(3, 11, 4, 8)
     codebook = torch.randn(4, 50, 8)
@@ -72,7 +64,7 @@ def test_matches_naive_reference(similarity, combine, chunk_size):
     scale = torch.rand(4, 50) + 0.5
     for b, s in [(None, None), (bias, scale)]:
         out, idx = topk_codebook(x, codebook, 5, b, s, similarity, combine, 1.0, chunk_size)
-        ref_out, ref_idx = naive_topk(x, codebook, 5, b, s, similarity, combine)
+        ref_out, ref_idx = reference_topk_codebook(x, codebook, 5, b, s, similarity, combine)
         assert torch.equal(idx, ref_idx)
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
 
@@ -88,7 +80,7 @@ def test_random_shapes_match_reference():
         x = torch.randn(*lead, g, d, generator=gen)
         codebook = torch.randn(g, c, d, generator=gen)
         out, idx = topk_codebook(x, codebook, k, chunk_size=2)
-        ref_out, ref_idx = naive_topk(x, codebook, k)
+        ref_out, ref_idx = reference_topk_codebook(x, codebook, k)
         assert out.shape == x.shape and idx.shape == (*lead, g, k)
         assert torch.equal(idx, ref_idx)
         torch.testing.assert_close(out, ref_out)
@@ -136,7 +128,7 @@ def test_gradients(combine, weight):
     torch.testing.assert_close(x.grad, upstream)
 
     ref_cb = codebook.detach().clone().requires_grad_(True)
-    ref_out, _ = naive_topk(x.detach(), ref_cb, 4, None, scale, "cosine", combine)
+    ref_out, _ = reference_topk_codebook(x.detach(), ref_cb, 4, None, scale, "cosine", combine)
     loss = (ref_out * upstream).sum() + weight * ((ref_out - x.detach()) ** 2).mean()
     loss.backward()
     torch.testing.assert_close(codebook.grad, ref_cb.grad)
@@ -205,7 +197,7 @@ def test_clear_errors_for_options():
 
 
 @pytest.mark.parametrize("similarity,combine", CASES)
-def test_many_codes_match_naive_reference(similarity, combine):
+def test_many_codes_match_the_reference(similarity, combine):
     """Enough codes that the top-k goes through block maxima (see ``top_codes``)."""
     groups, num_codes, k = 2, 2048, 8
     assert ops._topk_block(num_codes, k, torch.device("cpu")), "the block path must be covered"
@@ -217,7 +209,7 @@ def test_many_codes_match_naive_reference(similarity, combine):
     scale = torch.rand(groups, num_codes) + 0.5
     for b, s in [(None, None), (bias, scale)]:
         out, idx = topk_codebook(x, codebook, k, b, s, similarity, combine, 1.0, 0)
-        ref_out, ref_idx = naive_topk(x, codebook, k, b, s, similarity, combine)
+        ref_out, ref_idx = reference_topk_codebook(x, codebook, k, b, s, similarity, combine)
         assert torch.equal(idx, ref_idx)
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
 

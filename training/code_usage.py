@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from codebook import CodebookLayer
+from codebook.ops import SIMILARITIES
 
 
 class CodeUsage:
@@ -94,7 +95,7 @@ class CodeUsage:
         group_of_dead = dead.nonzero()[:, 0]
         picks = torch.randint(filled, (num_dead,), device=group_of_dead.device)
         vectors = self.reservoirs[key][group_of_dead, picks]
-        if layer.combine == "sum" and layer.similarity != "euclidean":
+        if layer.combine == "sum" and SIMILARITIES[layer.similarity].scale_invariant:
             vectors = vectors / layer.k  # the same output scale as k-means initialisation
         codebook = layer.codebook.data
         codebook[dead] = vectors.to(codebook.dtype)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from codebook import CodebookModel
-from codebook.ops import prepare_codebook, similarity_scores
+from codebook.ops import SIMILARITIES
 
 # Tokens scored against all centroids at once (bounds memory to ~chunk * groups * codes floats).
 _ASSIGN_CHUNK = 2048
@@ -98,22 +98,20 @@ def kmeans(
 def _kmeans_plus_plus(x: Tensor, num_codes: int, similarity: str,
                       generator: torch.Generator) -> Tensor:
     """k-means++ seeding per group: each next centroid is a point drawn with probability
-    proportional to its squared distance (cosine: ``1 - cos``) to the nearest centroid so far,
-    which keeps plain random seeding from stacking centroids in one cluster."""
+    proportional to its distance (the similarity's ``kmeans_distance``: squared Euclidean, or
+    ``1 - cos`` for cosine) to the nearest centroid so far, which keeps plain random seeding from
+    stacking centroids in one cluster."""
     groups, n, dim = x.shape
     device = x.device
     rows = torch.arange(groups, device=device)
-    points = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8) if similarity == "cosine" else x
+    measure = SIMILARITIES[similarity]
+    points = measure.prepared(x)
     chosen = torch.empty(groups, num_codes, dtype=torch.long, device=device)
     chosen[:, 0] = torch.randint(n, (groups,), generator=generator).to(device)
     nearest = torch.full((groups, n), float("inf"), dtype=x.dtype, device=device)
     for i in range(1, num_codes):
         last = points[rows, chosen[:, i - 1]]  # [groups, dim]
-        if similarity == "cosine":
-            distance = (1 - torch.einsum("gnd,gd->gn", points, last)).clamp_min(0)
-        else:
-            distance = (points - last[:, None]).pow(2).sum(-1)
-        nearest = torch.minimum(nearest, distance)
+        nearest = torch.minimum(nearest, measure.kmeans_distance(points, last))
         weights = nearest.clamp_min(0) + 1e-12  # all points equal: still a valid distribution
         # Drawn on the CPU with the CPU generator (see kmeans): one [groups, n] copy per code.
         chosen[:, i] = torch.multinomial(weights.cpu(), 1, generator=generator)[:, 0].to(device)
@@ -121,11 +119,11 @@ def _kmeans_plus_plus(x: Tensor, num_codes: int, similarity: str,
 
 
 def _assign(x: Tensor, centroids: Tensor, similarity: str) -> Tensor:
-    scoring, sq_norm = prepare_codebook(centroids, similarity)
+    scores = SIMILARITIES[similarity].scores
     parts = []
     for start in range(0, x.shape[1], _ASSIGN_CHUNK):
         chunk = x[:, start : start + _ASSIGN_CHUNK].transpose(0, 1)  # [n, g, d]
-        parts.append(similarity_scores(chunk, scoring, sq_norm, similarity).argmax(-1).T)
+        parts.append(scores(chunk, centroids).argmax(-1).T)
     return torch.cat(parts, dim=1)
 
 
@@ -136,13 +134,13 @@ def kmeans_init(
     """Set every codebook to k-means centroids of its site's activations on ``batches``.
 
     With ``combine="sum"`` the output adds ``k`` codes, so centroids are divided by ``k`` to make
-    the initial output about the size of the input (harmless for cosine and inner-product
-    selection, which a common scale does not change; Euclidean selection keeps full centroids).
+    the initial output about the size of the input, where that leaves the selection unchanged
+    (a ``scale_invariant`` similarity: cosine, inner product; Euclidean keeps full centroids).
     """
     inputs = record_site_inputs(model, batches, max_tokens)
     generator = torch.Generator().manual_seed(seed)
     for key, layer in model.codebook_layers().items():
         centroids = kmeans(inputs[key], layer.num_codes, iters, layer.similarity, generator)
-        if layer.combine == "sum" and layer.similarity != "euclidean":
+        if layer.combine == "sum" and SIMILARITIES[layer.similarity].scale_invariant:
             centroids /= layer.k
         layer.codebook.copy_(centroids.to(layer.codebook.dtype))
