@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import shutil
 
@@ -182,6 +183,44 @@ def test_the_recorded_command_line_parses_back_to_the_same_recipe(tmp_path):
     resumed = finetune_config(args)
     assert resumed.recipe_differences(config) == [] and (resumed.resume, resumed.threads) == (
         True, 3)
+
+
+def test_every_recipe_field_is_an_option_of_the_same_name_and_default():
+    """The CLIs are plain argparse: these keep them and the dataclasses in step."""
+    import dataclasses
+
+    from training.__main__ import build_parser
+    from training.build import BuildConfig
+    from training.config import FinetuneConfig
+
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+
+    def options(command: str) -> dict[str, argparse.Action]:
+        return {a.dest: a for a in commands[command]._actions if a.dest != "help"}
+
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    finetune = options("finetune")
+    assert set(finetune) == fields | {"preset"}
+    assert all(finetune[name].help and finetune[name].default is argparse.SUPPRESS
+               for name in fields)  # defaults come from the preset, the saved recipe, the config
+    codebook_only = {"base", "codebooks", "reinit_base", "sites", "layers", "num_codes", "k",
+                     "similarity", "combine", "layer_norm", "reconstruction_weight",
+                     "kmeans_init", "kmeans_tokens", "kmeans_iters", "dead_code_steps",
+                     "lr_codebook"}
+    pretrain = options("pretrain")
+    assert set(pretrain) == (fields - codebook_only) | {
+        "family", "num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size",
+        "tokenizer"}
+    build = options("build-default")
+    defaults = BuildConfig()
+    assert {name: action.default for name, action in build.items()} == dataclasses.asdict(
+        defaults)
+    assert all(action.help for action in build.values())
+    parsed = build_parser().parse_args(["build-default", "--no-baseline", "--preset-strengths",
+                                        "1", "2.5", "--max-stories", "3"])
+    assert (parsed.baseline, parsed.preset_strengths, parsed.max_stories) == (False, [1.0, 2.5],
+                                                                              3)
 
 
 def test_runs_of_one_preset_with_different_outputs_keep_their_own_checkpoints(tmp_path,

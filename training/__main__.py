@@ -7,39 +7,118 @@ Multi-process (DDP) finetuning runs under torchrun, e.g.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import sys
-import typing
 from pathlib import Path
 
+from codebook.steering_spec import MODES
 from training import build
 from training.config import CONFIG_NAME, FinetuneConfig
 from training.presets import PRESETS, preset
-from training.pretrain import CODEBOOK_FIELDS, FAMILIES, Architecture
+from training.pretrain import FAMILIES, Architecture
 from training.steerability import TOPICS
 
 
-def _add_config_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """One option per FinetuneConfig field (but ``exclude``); unset options stay absent from the
-    namespace, so that presets and saved recipes can supply them."""
-    hints = typing.get_type_hints(FinetuneConfig)
-    for field in dataclasses.fields(FinetuneConfig):
-        if field.name in exclude:
-            continue
-        hint = hints[field.name]
-        args = typing.get_args(hint)
-        flag = "--" + field.name.replace("_", "-")
-        kwargs = {"default": argparse.SUPPRESS, "help": field.metadata.get("help", "")}
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is list or any(typing.get_origin(a) is list for a in args):
-            item = typing.get_args(next(a for a in (hint, *args) if typing.get_origin(a) is list))
-            kwargs |= {"nargs": "+", "type": item[0], "metavar": field.name.upper()}
-        else:
-            kwargs["type"] = next((a for a in args if a is not type(None)), hint)
-        parser.add_argument(flag, **kwargs)
+def add_finetune_options(parser: argparse.ArgumentParser, codebooks: bool = True) -> None:
+    """The options of a recipe, one per :class:`~training.config.FinetuneConfig` field of the same
+    name. They have no defaults here: an option not given stays absent from the namespace, so that
+    a preset, a saved recipe (``--resume``) and then the config's own defaults supply it.
+    ``codebooks=False`` (pretrain) leaves out the base and codebook options."""
+    from codebook import SITES
+    from codebook.ops import COMBINES, SIMILARITIES
+    from codebook.text import FORMATS
+    from training.config import SCHEDULES
+
+    def group(title: str):
+        return parser.add_argument_group(title, argument_default=argparse.SUPPRESS)
+
+    flag = argparse.BooleanOptionalAction
+    data = group("base and data")
+    if codebooks:
+        data.add_argument("--base",
+                          help="base model: Hub repo id, local HF directory or llama2c:PATH.bin")
+    data.add_argument("--data", nargs="+", help="text files, folders of .txt files, or Hub "
+                      "datasets: hf:OWNER/NAME[@REV][:SPLIT or FILE-GLOB]")
+    data.add_argument("--output", help="directory for the final model, card, metrics and plots")
+    data.add_argument("--val-data", nargs="+",
+                      help="validation text (default: held out from --data)")
+    data.add_argument("--val-fraction", type=float,
+                      help="fraction of the documents held out for validation")
+    data.add_argument("--data-format",
+                      help=f"how files split into documents: {', '.join(FORMATS)}")
+    data.add_argument("--text-column", help="text column of a Hub dataset")
+    data.add_argument("--block-size", type=int, help="tokens per training sequence")
+
+    if codebooks:
+        cb = group("codebooks")
+        cb.add_argument("--codebooks", action=flag, help="attach codebooks (--no-codebooks: "
+                        "finetune the plain base, the baseline)")
+        cb.add_argument("--sites", nargs="+", help=f"codebook sites: {', '.join(SITES)}")
+        cb.add_argument("--layers", nargs="+", type=int,
+                        help="layers with codebooks (default: all)")
+        cb.add_argument("--num-codes", type=int, help="codes per codebook")
+        cb.add_argument("--k", type=int, help="codes active at once per codebook")
+        cb.add_argument("--similarity", help=f"code similarity: {', '.join(SIMILARITIES)}")
+        cb.add_argument("--combine", help=f"how the k codes combine: {', '.join(COMBINES)}")
+        cb.add_argument("--layer-norm", action=flag, help="LayerNorm each codebook's input")
+        cb.add_argument("--reconstruction-weight", type=float,
+                        help="lambda of the term pulling codes to inputs")
+        cb.add_argument("--kmeans-init", action=flag,
+                        help="initialise codes by k-means of the base's activations")
+        cb.add_argument("--kmeans-tokens", type=int, help="training tokens the k-means sees")
+        cb.add_argument("--kmeans-iters", type=int, help="k-means iterations")
+        cb.add_argument("--dead-code-steps", type=int,
+                        help="re-seed codes unused for this many steps (0: never)")
+
+    opt = group("optimisation")
+    opt.add_argument("--lr-base", type=float,
+                     help="peak learning rate of the base model's weights")
+    if codebooks:
+        opt.add_argument("--lr-codebook", type=float,
+                         help="peak learning rate of the codebooks")
+    opt.add_argument("--weight-decay", type=float,
+                     help="AdamW weight decay of base matrices (not codes, norms)")
+    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    opt.add_argument("--schedule", help=f"decay after warmup: {', '.join(SCHEDULES)}")
+    opt.add_argument("--min-lr-ratio", type=float,
+                     help="final learning rate as a fraction of the peak")
+    opt.add_argument("--grad-clip", type=float, help="gradient-norm clipping (0: none)")
+    opt.add_argument("--batch-size", type=int, help="sequences per process per micro-step")
+    opt.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step")
+    opt.add_argument("--max-steps", type=int,
+                     help="optimizer steps (default: what --epochs needs)")
+    opt.add_argument("--epochs", type=float,
+                     help="passes over the training blocks (if --max-steps is not given)")
+    opt.add_argument("--seed", type=int,
+                     help="seed of the split, data order, initialisation and dropout")
+    if codebooks:
+        opt.add_argument("--reinit-base", action=flag,
+                         help="start from random weights of the base's architecture")
+
+    run = group("running and reporting")
+    run.add_argument("--precision",
+                     help="auto: bf16 autocast on CUDA and CPUs with native bf16")
+    run.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    run.add_argument("--threads", type=int,
+                     help="CPU threads per process (default: cores / processes)")
+    run.add_argument("--log-every", type=int, help="steps between log records")
+    run.add_argument("--eval-every", type=int,
+                     help="steps between validation losses (0: only at the end)")
+    run.add_argument("--eval-tokens", type=int,
+                     help="validation tokens of a periodic evaluation")
+    run.add_argument("--checkpoint-every", type=int,
+                     help="steps between checkpoints (0: none)")
+    run.add_argument("--keep-checkpoints", type=int, help="checkpoints kept")
+    run.add_argument("--checkpoint-dir",
+                     help="where checkpoints go (default: OUTPUT/checkpoints)")
+    run.add_argument("--resume", action=flag,
+                     help="continue the run in --output from its latest checkpoint")
+    run.add_argument("--progress", action=flag, help="show a progress bar")
+    run.add_argument("--push-to-hub", help="Hub repo id to upload the final model to")
+    run.add_argument("--card-notes", help="a Markdown file appended to the model card")
+    run.add_argument("--license", help="licence in the model card's metadata, e.g. mit "
+                     "(default: the base model card's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--preset, or with --resume from the run's saved recipe, or defaults.")
     finetune.add_argument("--preset", choices=sorted(PRESETS),
                           help="a named recipe (stories260k: the first releases' default model)")
-    _add_config_options(finetune)
+    add_finetune_options(finetune)
 
     pretrain = commands.add_parser(
         "pretrain", help="train a base model from scratch (no codebooks)",
@@ -72,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="pieces of the tokenizer learned when --tokenizer is absent")
     architecture.add_argument("--tokenizer", help="a model directory or Hub id whose tokenizer "
                                                   "to use")
-    _add_config_options(pretrain, exclude=("base", "codebooks", "reinit_base") + CODEBOOK_FIELDS)
+    add_finetune_options(pretrain, codebooks=False)
 
     synthesize = commands.add_parser(
         "synthesize", help="sample TinyStories-style text from a teacher model",
@@ -118,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--codes", type=int, default=8, help="codes forced per topic")
     steer.add_argument("--scope", default="context", choices=["context", "word"],
                        help="a code is on topic after the word's first mention, or on the word")
-    steer.add_argument("--mode", default="add", choices=["add", "replace"])
+    steer.add_argument("--mode", default="add", choices=MODES)
     steer.add_argument("--strength", type=float, default=1.0, help="scale of the forced codes")
     steer.add_argument("--samples", type=int, default=32, help="stories sampled per topic")
     steer.add_argument("--new-tokens", type=int, default=96)

@@ -252,24 +252,83 @@ def build_default(build: BuildConfig) -> Path | None:
     return output
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written; each option's default after its help (unless the help
+    says it, or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "default" in help or action.default in (None, argparse.SUPPRESS):
+            return help
+        return f"{help} (default: %(default)s)".lstrip()
+
+
 def add_parser(commands) -> None:
+    """The ``build-default`` command: one option per :class:`BuildConfig` field of the same name,
+    defaulting to the field's default."""
     parser = commands.add_parser(
         "build-default", help="build the embedded default model from ../shared, every stage",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(BuildConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
-                   else field.default)
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif field.name in ("topics", "preset_num_codes", "preset_strengths"):
-            kind = float if field.name == "preset_strengths" else (
-                int if field.name == "preset_num_codes" else str)
-            parser.add_argument(flag, nargs="+", type=kind, default=default)
-        else:
-            kind = {"int": int, "float": float, "str": str, "int | None": int,
-                    "str | None": str}[str(field.type)]
-            parser.add_argument(flag, type=kind, default=default)
+        description=__doc__, formatter_class=_HelpFormatter)
+    d = BuildConfig()
+    flag = argparse.BooleanOptionalAction
+    add = parser.add_argument
+    add("--work", default=d.work, help="directory of every stage's output")
+    add("--output", default=d.output, help="where the model is shipped ('': not shipped)")
+    add("--shared", default=d.shared, help="the shared material: TinyStories, stories260K")
+    add("--synthetic-stories", type=int, default=d.synthetic_stories,
+        help="stories to sample from stories260K and add to the data (0: none)")
+    add("--max-stories", type=int, default=d.max_stories,
+        help="only the first N real stories (quick trials, tests)")
+    add("--seed", type=int, default=d.seed, help="seed of every stage")
+    add("--threads", type=int, default=d.threads, help="CPU threads (default: torch's)")
+    base = parser.add_argument_group("tokenizer and base")
+    base.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                      help="pieces of the tokenizer")
+    base.add_argument("--family", default=d.family, help="architecture of the base")
+    base.add_argument("--num-layers", type=int, default=d.num_layers, help="layers of the base")
+    base.add_argument("--hidden-size", type=int, default=d.hidden_size, help="width of the base")
+    base.add_argument("--num-heads", type=int, default=d.num_heads, help="attention heads")
+    base.add_argument("--pretrain-epochs", type=float, default=d.pretrain_epochs,
+                      help="passes of the pretraining over the training text")
+    base.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr,
+                      help="peak learning rate of the pretraining")
+    base.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,
+                      help="optimizer steps of the pretraining (default: what its epochs need)")
+    cb = parser.add_argument_group("codebooks")
+    cb.add_argument("--num-codes", type=int, default=d.num_codes, help="codes per head")
+    cb.add_argument("--k", type=int, default=d.k, help="codes active at once per head")
+    cb.add_argument("--finetune-epochs", type=float, default=d.finetune_epochs,
+                    help="passes of each finetuning over the training text")
+    cb.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                    help="optimizer steps of each finetuning (default: what its epochs need)")
+    cb.add_argument("--lr-base", type=float, default=d.lr_base,
+                    help="peak learning rate of the base's weights when finetuning")
+    cb.add_argument("--lr-codebook", type=float, default=d.lr_codebook,
+                    help="peak learning rate of the codebooks")
+    cb.add_argument("--baseline", action=flag, default=d.baseline,
+                    help="also finetune without codebooks (the bits-per-byte reference)")
+    analysis = parser.add_argument_group("analysis")
+    analysis.add_argument("--min-documents", type=int, default=d.min_documents,
+                          help="word topics: words of at least this many documents")
+    analysis.add_argument("--topics", nargs="+", default=d.topics,
+                          help="topics to calibrate presets for (default: the paper's seven)")
+    analysis.add_argument("--preset-num-codes", nargs="+", type=int,
+                          default=d.preset_num_codes, help="numbers of codes calibration tries")
+    analysis.add_argument("--preset-strengths", nargs="+", type=float,
+                          default=d.preset_strengths, help="strengths calibration tries")
+    analysis.add_argument("--calibration-samples", type=int, default=d.calibration_samples,
+                          help="samples per prompt of each calibration setting")
+    analysis.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt,
+                          help="samples per prompt of the steering evaluation")
+    analysis.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                          help="tokens per sample")
+    analysis.add_argument("--index-tokens", type=int, default=d.index_tokens,
+                          help="tokens in the app's code index")
+    add("--block-size", type=int, default=d.block_size,
+        help="tokens per training sequence (pretraining and finetuning)")
+    add("--batch-size", type=int, default=d.batch_size, help="sequences per training step")
+    add("--progress", action=flag, default=d.progress, help="show progress bars")
+    add("--card-notes", default=d.card_notes, help="Markdown appended to the shipped card")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -11,9 +11,9 @@ import json
 import shlex
 from pathlib import Path
 
-from codebook import SITES, CodebookConfig
+from codebook import CodebookConfig
 from codebook.configuration import DEFAULT_K, DEFAULT_NUM_CODES
-from codebook.ops import COMBINES, DEFAULT_COMBINE, DEFAULT_SIMILARITY, SIMILARITIES
+from codebook.ops import DEFAULT_COMBINE, DEFAULT_SIMILARITY
 from codebook.text import FORMATS
 
 CONFIG_NAME = "training_config.json"
@@ -27,73 +27,67 @@ RUNTIME_FIELDS = ("resume", "threads", "progress", "push_to_hub", "device", "log
                   "card_notes", "license")
 
 
-def option(default=dataclasses.MISSING, help: str = "", factory: bool = False):
-    """A config field whose ``help`` is also its command-line help."""
-    if factory:
-        return dataclasses.field(default_factory=default, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class FinetuneConfig:
-    """Everything a finetuning run depends on (each field's help is its CLI help)."""
+    """Everything a finetuning run depends on. Each field is the ``python -m training finetune``
+    option of the same name (``--block-size`` is ``block_size``), described by that command's
+    ``--help`` (:func:`training.__main__.add_finetune_options`)."""
 
-    base: str = option(help="base model: Hub repo id, local HF directory or llama2c:PATH.bin")
-    data: list[str] = option(help="text files, folders of .txt files, or Hub datasets: "
-                             "hf:OWNER/NAME[@REV][:SPLIT or FILE-GLOB]")
-    output: str = option(help="directory for the final model, card, metrics and plots")
-    val_data: list[str] = option(list, "validation text (default: held out from --data)",
-                                 factory=True)
-    val_fraction: float = option(0.05, "fraction of the documents held out for validation")
-    data_format: str = option("auto", f"how files split into documents: {', '.join(FORMATS)}")
-    text_column: str = option("text", "text column of a Hub dataset")
-    block_size: int = option(256, "tokens per training sequence")
+    # base and data
+    base: str
+    data: list[str]
+    output: str
+    val_data: list[str] = dataclasses.field(default_factory=list)
+    val_fraction: float = 0.05
+    data_format: str = "auto"
+    text_column: str = "text"
+    block_size: int = 256
 
-    codebooks: bool = option(True, "attach codebooks (--no-codebooks: finetune the plain base, "
-                                   "the baseline)")
-    sites: list[str] = option(lambda: ["attn_heads"], f"codebook sites: {', '.join(SITES)}",
-                              factory=True)
-    layers: list[int] | None = option(None, "layers with codebooks (default: all)")
-    num_codes: int = option(DEFAULT_NUM_CODES, "codes per codebook")
-    k: int = option(DEFAULT_K, "codes active at once per codebook")
-    similarity: str = option(DEFAULT_SIMILARITY, f"code similarity: {', '.join(SIMILARITIES)}")
-    combine: str = option(DEFAULT_COMBINE, f"how the k codes combine: {', '.join(COMBINES)}")
-    layer_norm: bool = option(False, "LayerNorm each codebook's input")
-    reconstruction_weight: float = option(1.0, "lambda of the term pulling codes to inputs")
-    kmeans_init: bool = option(True, "initialise codes by k-means of the base's activations")
-    kmeans_tokens: int = option(16384, "training tokens the k-means sees")
-    kmeans_iters: int = option(15, "k-means iterations")
-    dead_code_steps: int = option(50, "re-seed codes unused for this many steps (0: never)")
+    # codebooks
+    codebooks: bool = True
+    sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads"])
+    layers: list[int] | None = None
+    num_codes: int = DEFAULT_NUM_CODES
+    k: int = DEFAULT_K
+    similarity: str = DEFAULT_SIMILARITY
+    combine: str = DEFAULT_COMBINE
+    layer_norm: bool = False
+    reconstruction_weight: float = 1.0
+    kmeans_init: bool = True
+    kmeans_tokens: int = 16384
+    kmeans_iters: int = 15
+    dead_code_steps: int = 50
 
-    lr_base: float = option(3e-4, "peak learning rate of the base model's weights")
-    lr_codebook: float = option(1e-3, "peak learning rate of the codebooks")
-    weight_decay: float = option(0.01, "AdamW weight decay of base matrices (not codes, norms)")
-    warmup_steps: int = option(50, "linear warmup steps")
-    schedule: str = option("cosine", f"decay after warmup: {', '.join(SCHEDULES)}")
-    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
-    grad_clip: float = option(1.0, "gradient-norm clipping (0: none)")
-    batch_size: int = option(16, "sequences per process per micro-step")
-    grad_accum: int = option(1, "micro-steps per optimizer step")
-    max_steps: int | None = option(None, "optimizer steps (default: what --epochs needs)")
-    epochs: float = option(1.0, "passes over the training blocks (if --max-steps is not given)")
-    seed: int = option(0, "seed of the split, data order, initialisation and dropout")
-    reinit_base: bool = option(False, "start from random weights of the base's architecture")
+    # optimisation
+    lr_base: float = 3e-4
+    lr_codebook: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float = 1.0
+    seed: int = 0
+    reinit_base: bool = False
 
-    precision: str = option("auto", "auto: bf16 autocast on CUDA and CPUs with native bf16")
-    device: str = option("auto", "auto (CUDA when present), cpu or cuda")
-    threads: int | None = option(None, "CPU threads per process (default: cores / processes)")
-    log_every: int = option(10, "steps between log records")
-    eval_every: int = option(200, "steps between validation losses (0: only at the end)")
-    eval_tokens: int = option(32768, "validation tokens of a periodic evaluation")
-    checkpoint_every: int = option(200, "steps between checkpoints (0: none)")
-    keep_checkpoints: int = option(2, "checkpoints kept")
-    checkpoint_dir: str | None = option(None, "where checkpoints go (default: OUTPUT/checkpoints)")
-    resume: bool = option(False, "continue the run in --output from its latest checkpoint")
-    progress: bool = option(True, "show a progress bar")
-    push_to_hub: str | None = option(None, "Hub repo id to upload the final model to")
-    card_notes: str | None = option(None, "a Markdown file appended to the model card")
-    license: str | None = option(None, "licence in the model card's metadata, e.g. mit "
-                                       "(default: the base model card's)")
+    # running and reporting (all but precision are RUNTIME_FIELDS)
+    precision: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    log_every: int = 10
+    eval_every: int = 200
+    eval_tokens: int = 32768
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+    push_to_hub: str | None = None
+    card_notes: str | None = None
+    license: str | None = None
 
     def __post_init__(self):
         self.data = list(self.data)

@@ -19,10 +19,6 @@ from training.config import FinetuneConfig
 
 FAMILIES = ("llama", "gpt_neox", "gpt2")
 INITIAL = "initial"
-# Finetuning options that mean nothing without codebooks (pretrain does not offer them).
-CODEBOOK_FIELDS = ("sites", "layers", "num_codes", "k", "similarity", "combine", "layer_norm",
-                   "reconstruction_weight", "kmeans_init", "kmeans_tokens", "kmeans_iters",
-                   "dead_code_steps", "lr_codebook")
 
 
 @dataclasses.dataclass
