@@ -12,12 +12,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from codebook.steering_spec import MODES
 from training import build
 from training.config import CONFIG_NAME, FinetuneConfig
 from training.presets import PRESETS, preset
 from training.pretrain import FAMILIES, Architecture
-from training.steerability import TOPICS
 
 
 def add_finetune_options(parser: argparse.ArgumentParser, codebooks: bool = True) -> None:
@@ -184,26 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--threads", type=int, help="CPU threads")
     evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
-    steer = commands.add_parser(
-        "steerability", help="measure how well topics steer a codebook model",
-        description="For each topic word, force the codes most precise for it and count the "
-                    "sampled stories that mention it (see training/steerability.py).")
-    steer.add_argument("--model", required=True, help="'default', a directory or a Hub id")
-    steer.add_argument("--data", required=True, nargs="+",
-                       help="text to find the topic codes in (e.g. the training text)")
-    steer.add_argument("--documents", type=int, default=1000,
-                       help="documents of --data to read")
-    steer.add_argument("--topics", nargs="+", default=list(TOPICS))
-    steer.add_argument("--codes", type=int, default=8, help="codes forced per topic")
-    steer.add_argument("--scope", default="context", choices=["context", "word"],
-                       help="a code is on topic after the word's first mention, or on the word")
-    steer.add_argument("--mode", default="add", choices=MODES)
-    steer.add_argument("--strength", type=float, default=1.0, help="scale of the forced codes")
-    steer.add_argument("--samples", type=int, default=32, help="stories sampled per topic")
-    steer.add_argument("--new-tokens", type=int, default=96)
-    steer.add_argument("--seed", type=int, default=0)
-    steer.add_argument("--threads", type=int, help="CPU threads")
-    steer.add_argument("--json", action="store_true", help="print the figures as JSON")
     widen = commands.add_parser(
         "widen-vocab", help="give a base model a larger vocabulary, learned on the training text",
         description="Continue the base tokenizer's BPE on the training documents of --data "
@@ -301,27 +279,6 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2) if args.json else format_report(result))
 
 
-def run_steerability(args: argparse.Namespace) -> None:
-    import torch
-
-    from codebook import CodebookModel
-    from training.data import read_documents
-    from training.models import load_model
-    from training.steerability import format_steerability, steerability
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    documents = read_documents(args.data)[: args.documents]
-    model, tokenizer = load_model(args.model)
-    if not isinstance(model, CodebookModel):
-        raise ValueError(f"{args.model} has no codebooks to steer with")
-    result = steerability(model, tokenizer, documents, tuple(args.topics), args.codes,
-                          args.samples, args.new_tokens, args.seed, args.mode, args.strength,
-                          args.scope)
-    result["model"] = args.model
-    print(json.dumps(result, indent=2) if args.json else format_steerability(result))
-
-
 def run_widen_vocab(args: argparse.Namespace) -> None:
     from training.data import read_documents, split_validation
     from training.models import load_base
@@ -358,10 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             build.run(args)
         elif args.command == "evaluate":
             run_evaluate(args)
-        elif args.command == "widen-vocab":
-            run_widen_vocab(args)
         else:
-            run_steerability(args)
+            run_widen_vocab(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
