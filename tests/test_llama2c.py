@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
+from tests.oracles import encode_llama2c_reference
 from training.llama2c import (
-    encode_llama2c_reference,
     load_llama2c,
     load_llama2c_model,
     load_llama2c_tokenizer,

@@ -3,8 +3,8 @@
 llama2.c stores a model as a raw ``.bin`` file (a 7-int32 header followed by float32 weights, the
 "legacy" export format) and its SentencePiece-style BPE vocabulary as a ``tok*.bin`` file. This
 module turns them into a ``transformers.LlamaForCausalLM`` and a ``PreTrainedTokenizerFast`` whose
-encoding is token-for-token identical to llama2.c's ``encode()`` in ``run.c``, so the model sees
-exactly the ids it was trained on.
+encoding is token-for-token identical to llama2.c's ``encode()`` in ``run.c`` (tested against a
+line-by-line port of it, ``tests/oracles.py``), so the model sees exactly the ids it was trained on.
 
 Typical use::
 
@@ -34,8 +34,6 @@ SPECIAL_TOKENS = {UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 
 _HEADER = struct.Struct("<7i")
 _FLOAT_BYTES = 4
-# llama2.c's merge loop starts from this score and only accepts strictly better pairs.
-_LLAMA2C_NO_MERGE_SCORE = -1e10
 
 
 def _read_existing_file(path: str | Path, what: str) -> bytes:
@@ -221,46 +219,6 @@ def read_llama2c_vocab(tok_path: str | Path) -> tuple[list[bytes], list[float]]:
         scores.append(score)
         offset += length
     return pieces, scores
-
-
-def encode_llama2c_reference(pieces: list[bytes], scores: list[float], text: str) -> list[int]:
-    """Encode ``text`` exactly as llama2.c's ``encode(t, text, bos=0, eos=0, ...)`` in run.c does.
-
-    A line-by-line port kept deliberately naive (quadratic, like run.c) because it is the ground
-    truth the fast tokenizer is tested against: prepend the id of " " (dummy prefix) unless the
-    text is empty, look up every UTF-8 character (byte fallback ``byte + 3`` when it is not a
-    piece), then repeatedly merge the leftmost adjacent pair whose concatenation is the
-    best-scoring piece until no adjacent pair forms a piece.
-    """
-    piece_id = {piece: i for i, piece in enumerate(pieces)}
-    raw = text.encode("utf-8")
-    tokens: list[int] = []
-    if raw:
-        tokens.append(piece_id[b" "])
-
-    # A non-continuation byte starts a character; up to 4 bytes are collected before lookup.
-    buffer = b""
-    for i, byte in enumerate(raw):
-        if byte & 0xC0 != 0x80:
-            buffer = b""
-        buffer += bytes([byte])
-        if i + 1 < len(raw) and raw[i + 1] & 0xC0 == 0x80 and len(buffer) < 4:
-            continue
-        if buffer in piece_id:
-            tokens.append(piece_id[buffer])
-        else:
-            tokens.extend(b + BYTE_FALLBACK_OFFSET for b in buffer)
-        buffer = b""
-
-    while True:
-        best_score, best_id, best_index = _LLAMA2C_NO_MERGE_SCORE, -1, -1
-        for i in range(len(tokens) - 1):
-            merged = piece_id.get(pieces[tokens[i]] + pieces[tokens[i + 1]], -1)
-            if merged != -1 and scores[merged] > best_score:
-                best_score, best_id, best_index = scores[merged], merged, i
-        if best_index == -1:
-            return tokens
-        tokens[best_index : best_index + 2] = [best_id]
 
 
 def _merges_by_score(pieces: list[bytes], scores: list[float]) -> list[tuple[int, int]]:
