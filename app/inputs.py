@@ -8,8 +8,7 @@ import secrets
 
 from app.models import LoadedModel
 from codebook.analysis.regex import compile_regex
-from codebook.layer import POSITIONS
-from codebook.steering import MODES, Steering
+from codebook.steering import MODES, POSITIONS, Steering, layer_steerings
 
 MAX_SEED = 2**32 - 1
 MAX_TEMPERATURE = 2.0
@@ -164,7 +163,7 @@ def steering(loaded: LoadedModel, codes, strength_value, mode, positions) -> Ste
         raise InputError(f"{len(codes)} codes in the steering set; the limit is {MAX_CODES}")
     try:
         result = Steering(codes=codes, strength=strength_value, mode=mode, positions=positions)
-        result.layer_steerings(loaded.model.codebook_layers())  # raises naming a bad code
+        layer_steerings(result, loaded.model.codebook_layers())  # raises naming a bad code
     except ValueError as err:
         raise InputError(str(err)) from None
     return result

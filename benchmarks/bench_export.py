@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from cbexport.bundle import export_bundle  # noqa: E402
 from cbexport.runtime import CodebookRuntime  # noqa: E402
-from cbexport.verify import torch_generate, torch_steering, verification_steering  # noqa: E402
+from cbexport.verify import torch_generate, verification_steering  # noqa: E402
 from codebook import CodebookModel  # noqa: E402
 
 
@@ -60,7 +60,6 @@ def main() -> None:
         export_seconds = time.perf_counter() - start
         runtime = CodebookRuntime(bundle, provider="cpu", threads=args.threads)
         spec = verification_steering(manifest, runtime.topics)
-        torch_spec = torch_steering(spec)  # the same codes, as a torch Steering
         vocab = manifest["model"]["vocab_size"]
         rows = []
         for batch in (1, 8):
@@ -69,7 +68,7 @@ def main() -> None:
             for steered in (False, True):
                 t_torch = best_time(torch_generate, args.repeats, model, prompts,
                                     args.new_tokens, runtime.pad_id,
-                                    torch_spec if steered else None)
+                                    spec if steered else None)
                 t_onnx = best_time(runtime.generate, args.repeats, prompts, args.new_tokens,
                                    steering=spec if steered else None, stop_at_eos=False)
                 tokens = batch * args.new_tokens

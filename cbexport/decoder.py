@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -33,7 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
 from cbexport import manifest
-from codebook.layer import LayerSteering
+from codebook.layer import LayerSteering, SiteRun, running
 from codebook.modeling import CodebookModel
 
 
@@ -116,16 +115,14 @@ class Decoder(nn.Module):
         dtype = self.model.base.get_input_embeddings().weight.dtype
         mask = causal_mask(attention_mask, input_ids.shape[1], dtype)
         layers = self.model.codebook_layers()
-        for j, key in enumerate(self.shape.site_keys):
-            layers[key].steering = LayerSteering(bias=steering[2 * j], scale=steering[2 * j + 1])
-            layers[key].capture = []
-        try:
+        runs = {layers[key]: SiteRun(steering=LayerSteering(bias=steering[2 * j],
+                                                            scale=steering[2 * j + 1]),
+                                     capture=[])
+                for j, key in enumerate(self.shape.site_keys)}
+        with running(runs):
             out = self.model.base(input_ids=input_ids, attention_mask=mask,
                                   position_ids=position_ids, cache=cache, use_cache=True)
-            codes = [layers[key].capture[0] for key in self.shape.site_keys]
-        finally:
-            for layer in layers.values():
-                layer.steering = layer.capture = None
+        codes = [runs[layers[key]].capture[0] for key in self.shape.site_keys]
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return (out.logits, *present, *codes)
 
@@ -165,22 +162,18 @@ def eager_attention(model: CodebookModel) -> Iterator[None]:
 @contextlib.contextmanager
 def capture_mode(model: CodebookModel) -> Iterator[None]:
     """The model as the exporters must see it: eval mode, codebooks on, no steering, capture or
-    usage counting, eager attention. Everything is restored afterwards."""
+    usage counting (not even a steering block around this one), eager attention. Everything is
+    restored afterwards."""
     layers = model.codebook_layers().values()
-    saved = [(layer.enabled, layer.steering, layer.capture, layer.track_usage) for layer in layers]
+    saved = [(layer.enabled, layer.track_usage) for layer in layers]
     was_training = model.training
     model.eval()
     for layer in layers:
-        layer.enabled, layer.steering, layer.capture, layer.track_usage = True, None, None, False
+        layer.enabled, layer.track_usage = True, False
     try:
-        with eager_attention(model), warnings.catch_warnings():
-            # The position-tracking hook of CodebookModel stores each call's token positions on
-            # the layers; they only serve position-dependent steering, which the runtime does by
-            # feeding zeros, so torch.export's advice to make them buffers does not apply.
-            warnings.filterwarnings("ignore", message=".*were assigned during export.*")
+        with eager_attention(model), running({layer: SiteRun() for layer in layers}):
             yield
     finally:
         model.train(was_training)
         for layer, state in zip(layers, saved, strict=True):
-            layer.enabled, layer.steering, layer.capture, layer.track_usage = state
-            layer.positions = None
+            layer.enabled, layer.track_usage = state

@@ -1,7 +1,8 @@
 """Torch-free generation from a bundle's ONNX decoder: onnxruntime, numpy and tokenizers only.
 
-Nothing on this module's import path imports torch or ``codebook`` (``tests/test_export_runtime.py``
-runs it with torch blocked), so it works where torch is not installed at all.
+Nothing on this module's import path imports torch: of ``codebook`` it reads only the torch-free
+:mod:`codebook.steering_spec` (``tests/test_export.py`` runs it with torch blocked), so it works
+where torch is not installed at all.
 
 Example::
 
@@ -22,7 +23,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from cbexport import manifest as mf
-from cbexport.steer import SteerSpec, steering_arrays, topic_spec
+from cbexport.steer import Steering, steering_arrays, topic_spec
 
 PROVIDERS = ("auto", "cpu", "cuda")
 # onnxruntime's own default logging level (warnings), restored after probing for CUDA.
@@ -99,7 +100,7 @@ class CodebookRuntime:
     # -- steering -----------------------------------------------------------------------------
 
     def steering(self, codes=None, topic: str | None = None, strength: float | None = None,
-                 mode: str | None = None, positions: str | None = None, block=None) -> SteerSpec:
+                 mode: str | None = None, positions: str | None = None, block=None) -> Steering:
         """A steering spec from a code list or a topic preset (whose settings the other
         arguments override)."""
         if (codes is None) == (topic is None):
@@ -107,7 +108,7 @@ class CodebookRuntime:
         overrides = {"strength": strength, "mode": mode, "positions": positions, "block": block}
         if topic is not None:
             return topic_spec(self.topics, topic, **overrides)
-        return SteerSpec(codes=codes, **{k: v for k, v in overrides.items() if v is not None})
+        return Steering(codes=codes, **{k: v for k, v in overrides.items() if v is not None})
 
     def _steer_feed(self, arrays: dict | None) -> dict[str, np.ndarray]:
         feed = {}
@@ -147,7 +148,7 @@ class CodebookRuntime:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int | None = None,
-                 steering: SteerSpec | None = None, stop_at_eos: bool = True) -> list[list[int]]:
+                 steering: Steering | None = None, stop_at_eos: bool = True) -> list[list[int]]:
         """Continue each prompt (token ids); returns the new tokens of each. Prompts of different
         lengths are left-padded. ``temperature`` 0 is greedy; otherwise tokens are sampled from
         ``softmax(logits / temperature)`` with a numpy generator seeded by ``seed``."""

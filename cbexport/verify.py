@@ -36,12 +36,12 @@ from transformers import DynamicCache
 from cbexport import manifest as mf
 from cbexport.decoder import eager_attention
 from cbexport.runtime import CodebookRuntime
-from cbexport.steer import SteerSpec, steering_arrays, topic_spec
+from cbexport.steer import Steering, steering_arrays, topic_spec
 from cbexport.torchscript_export import load_torchscript
 from codebook.configuration import SITES
+from codebook.layer import current_runs
 from codebook.modeling import CodebookModel
 from codebook.ops import SIMILARITIES
-from codebook.steering import Steering
 
 TOLERANCE = 1e-4
 TIE_TOLERANCE = 1e-5
@@ -69,22 +69,15 @@ class Step:
     real: np.ndarray | None = None  # [batch, seq] positions that are not padding
 
 
-def verification_steering(manifest: dict, topics: dict) -> SteerSpec:
+def verification_steering(manifest: dict, topics: dict) -> Steering:
     """The steering the checks use: the first topic preset, else two fixed codes at the first
     and last codebook sites with strength 2 (so that ``scale`` is exercised too)."""
     if topics:
         return topic_spec(topics, sorted(topics)[0])
     sites = manifest["sites"]
     first, last = sites[0], sites[-1]
-    return SteerSpec(codes=[f"{first['layer']}:{first['site']}:0:1",
-                            f"{last['layer']}:{last['site']}:0:2"], strength=2.0)
-
-
-def torch_steering(spec: SteerSpec | None) -> Steering | None:
-    if spec is None:
-        return None
-    return Steering(codes=[str(c) for c in spec.codes], strength=spec.strength, mode=spec.mode,
-                    positions=spec.positions, block=[str(c) for c in spec.block])
+    return Steering(codes=[f"{first['layer']}:{first['site']}:0:1",
+                           f"{last['layer']}:{last['site']}:0:2"], strength=2.0)
 
 
 def _random_batch(vocab: int, seed: int, lengths=(7, 5)) -> tuple[np.ndarray, np.ndarray]:
@@ -113,12 +106,12 @@ class _Eager:
         return DynamicCache()
 
     @torch.no_grad()
-    def __call__(self, ids, mask, positions, cache, spec: SteerSpec | None):
+    def __call__(self, ids, mask, positions, cache, spec: Steering | None):
         margins: dict = {}
         handles = [layer.register_forward_hook(functools.partial(_record_margin, key, margins))
                    for key, layer in self.layers.items()]
         try:
-            with self.model.steer(torch_steering(spec)), self.model.capture_codes() as codes:
+            with self.model.steer(spec), self.model.capture_codes() as codes:
                 out = self.model(input_ids=torch.from_numpy(ids),
                                  attention_mask=torch.from_numpy(mask),
                                  position_ids=torch.from_numpy(positions), cache=cache,
@@ -136,8 +129,9 @@ def _record_margin(key, margins: dict, layer, args, output) -> None:
     h = layer.normalize(x.reshape(*x.shape[:-1], layer.groups, layer.dim))
     flat = h.reshape(-1, layer.groups, layer.dim)
     scores = SIMILARITIES[layer.similarity].scores(flat, layer.codebook.to(flat.dtype))
-    if layer.steering is not None:
-        scores = scores + layer.steering.bias
+    run = current_runs().get(layer)  # the steering _Eager applies (positions "all")
+    if run is not None and run.steering is not None:
+        scores = scores + run.steering.bias
     if layer.k == layer.num_codes:
         gap = torch.full(scores.shape[:-1], float("inf"))
     else:
@@ -154,7 +148,7 @@ class _Onnx:
     def empty_cache(self, batch: int):
         return self.runtime.empty_cache(batch)
 
-    def __call__(self, ids, mask, positions, cache, spec: SteerSpec | None):
+    def __call__(self, ids, mask, positions, cache, spec: Steering | None):
         arrays = steering_arrays(self.runtime.sites, spec) if spec else None
         logits, cache, codes = self.runtime.forward(ids, mask, positions, cache, arrays)
         return Step(logits, codes), cache
@@ -174,7 +168,7 @@ class _TorchScript:
         return [torch.zeros(shape) for _ in range(2 * model["num_layers"])]
 
     @torch.no_grad()
-    def __call__(self, ids, mask, positions, cache, spec: SteerSpec | None):
+    def __call__(self, ids, mask, positions, cache, spec: Steering | None):
         arrays = steering_arrays(self.manifest["sites"], spec) if spec else {}
         steer = []
         for site in self.manifest["sites"]:
@@ -218,7 +212,7 @@ def first_code_difference(ref: list[Step], got: list[Step], sites: list[dict]) -
     return None
 
 
-def _run_both(eager, exported, ids, mask, tokens: np.ndarray, spec: SteerSpec | None,
+def _run_both(eager, exported, ids, mask, tokens: np.ndarray, spec: Steering | None,
               sites: list[dict]) -> tuple[list[Step], list[Step]]:
     """Prefill ``ids`` then decode ``tokens`` (teacher-forced, ``[batch, steps]``) on both sides.
     Steering follows ``spec.positions``: prompt step, decode steps, or both."""
@@ -243,7 +237,7 @@ def _run_both(eager, exported, ids, mask, tokens: np.ndarray, spec: SteerSpec | 
     return ref, got
 
 
-def compare_logits(eager: _Eager, exported: dict, manifest: dict, spec: SteerSpec,
+def compare_logits(eager: _Eager, exported: dict, manifest: dict, spec: Steering,
                    seeds: list[int]) -> list[Check]:
     """Prefill and decode logits of each exported format against eager, with and without
     steering (on all positions: each step here is checked on its own)."""
@@ -287,7 +281,7 @@ def torch_generate(model: CodebookModel, prompts: list[list[int]], max_new_token
 
 
 def _explain_divergence(eager: _Eager, runtime: CodebookRuntime, prompts, want, got,
-                        spec: SteerSpec | None) -> dict:
+                        spec: Steering | None) -> dict:
     """Replay torch's tokens on both sides up to the first differing token and say why."""
     want, got = np.array(want), np.array(got)
     step = int(np.flatnonzero((want != got).any(0))[0])
@@ -308,7 +302,7 @@ def _explain_divergence(eager: _Eager, runtime: CodebookRuntime, prompts, want, 
     return {"first_differing_token": step, **cause}
 
 
-def compare_generation(eager: _Eager, runtime: CodebookRuntime, spec: SteerSpec,
+def compare_generation(eager: _Eager, runtime: CodebookRuntime, spec: Steering,
                        seed: int = 0) -> list[Check]:
     """Greedy tokens from torch and from the ONNX runtime, unsteered and steered."""
     vocab = runtime.manifest["model"]["vocab_size"]
@@ -318,8 +312,7 @@ def compare_generation(eager: _Eager, runtime: CodebookRuntime, spec: SteerSpec,
     cases = [("unsteered", None), ("steered", spec),
              ("steered, generated positions", dataclasses.replace(spec, positions="generated"))]
     for label, case in cases:
-        want = torch_generate(eager.model, prompts, GREEDY_TOKENS, runtime.pad_id,
-                              torch_steering(case))
+        want = torch_generate(eager.model, prompts, GREEDY_TOKENS, runtime.pad_id, case)
         got = runtime.generate(prompts, GREEDY_TOKENS, steering=case, stop_at_eos=False)
         pairs = zip(want, got, strict=True)
         same = sum(a == b for w, g in pairs for a, b in zip(w, g, strict=False))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -21,8 +22,8 @@ from codebook.architectures import (
     out_features,
 )
 from codebook.configuration import CodebookConfig
-from codebook.layer import CodebookLayer
-from codebook.steering import Steering
+from codebook.layer import CodebookLayer, SiteRun, TokenPositions, current_runs, running
+from codebook.steering import Steering, layer_steerings, row_steerings
 
 WEIGHTS_NAME = "codebooks.safetensors"
 
@@ -67,7 +68,6 @@ class CodebookModel(nn.Module):
         self._handles.append(
             base.register_forward_pre_hook(self._track_positions, with_kwargs=True)
         )
-        self._prompt_length: int | None = None
 
     def detach(self) -> nn.Module:
         """Remove every hook this model put on the base and return the base, which then runs
@@ -109,7 +109,11 @@ class CodebookModel(nn.Module):
         return layer
 
     def _track_positions(self, module, args, kwargs):
-        """Record the absolute positions of this call's tokens, for position-dependent steering."""
+        """Record the absolute positions of this call's tokens in the active steering block's
+        :class:`TokenPositions` (for position-dependent steering; outside a block, nothing)."""
+        tokens = self._active_tokens()
+        if tokens is None:
+            return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -118,26 +122,30 @@ class CodebookModel(nn.Module):
         seq_len = ids.shape[1]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
-        if self._prompt_length is None and self._steering_active():
-            self._prompt_length = past + seq_len
-            for layer in self.codebook_layers().values():
-                if layer.steering is not None and layer.steering.prompt_length is None:
-                    layer.steering.prompt_length = self._prompt_length
-        positions = torch.arange(past, past + seq_len, device=ids.device)
-        for layer in self.codebook_layers().values():
-            layer.positions = positions
+        if tokens.prompt_length is None:
+            tokens.prompt_length = past + seq_len
+        tokens.current = torch.arange(past, past + seq_len, device=ids.device)
         return None
 
-    def _steering_active(self) -> bool:
-        return any(layer.steering is not None for layer in self.codebook_layers().values())
+    def _active_tokens(self) -> TokenPositions | None:
+        """The token positions of this context's steering block on this model (its layers share
+        one), or ``None``."""
+        runs = current_runs()
+        for layer in self.codebook_layers().values():
+            run = runs.get(layer)
+            if run is not None and run.tokens is not None:
+                return run.tokens
+        return None
 
     # -- running ----------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
         return self.base(*args, **kwargs)
 
-    def generate(self, *args, steering: Steering | None = None, **kwargs):
-        """``base.generate`` with optional steering (its prompt is the input passed here)."""
+    def generate(self, *args, steering: Steering | Sequence[Steering | None] | None = None,
+                 **kwargs):
+        """``base.generate`` with optional steering (its prompt is the input passed here); a list
+        steers each batch row by its own entry, as in :meth:`steer`."""
         if steering is None:
             return self.base.generate(*args, **kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -176,38 +184,41 @@ class CodebookModel(nn.Module):
                 layer.enabled = previous[key]
 
     @contextlib.contextmanager
-    def steer(self, steering: Steering | dict | None, prompt_length: int | None = None):
-        """Apply ``steering`` inside the block. With ``positions`` other than ``"all"``, the
-        prompt is ``prompt_length`` tokens, or else the first forward call's tokens."""
-        if isinstance(steering, dict):
-            steering = Steering.from_dict(steering)
+    def steer(self, steering: Steering | dict | Sequence[Steering | dict | None] | None,
+              prompt_length: int | None = None):
+        """Apply ``steering`` to this model's forward calls inside the block.
+
+        A list steers each batch row by its own entry (``None``: the row is not steered), and
+        every call inside must then have that many rows. With ``positions`` other than ``"all"``,
+        the prompt is ``prompt_length`` tokens, or else the first forward call's tokens.
+
+        The steering holds in the current thread (context) only: threads that run the model at
+        the same time, each in its own ``steer`` block, are each steered by their own."""
         layers = self.codebook_layers()
-        per_site = steering.layer_steerings(layers, prompt_length) if steering else {}
-        previous = {key: layer.steering for key, layer in layers.items()}
-        saved_prompt_length = self._prompt_length
-        self._prompt_length = prompt_length
-        for key, layer in layers.items():
-            layer.steering = per_site.get(key)
-        try:
+        if isinstance(steering, list | tuple):
+            per_site = row_steerings([_as_steering(s) for s in steering], layers)
+        else:
+            steering = _as_steering(steering)
+            per_site = layer_steerings(steering, layers) if steering else {}
+        tokens = TokenPositions(prompt_length) if per_site else None
+        runs = current_runs()
+        with running({layer: dataclasses.replace(runs.get(layer, SiteRun()),
+                                                 steering=per_site.get(key), tokens=tokens)
+                      for key, layer in layers.items()}):
             yield
-        finally:
-            self._prompt_length = saved_prompt_length
-            for key, layer in layers.items():
-                layer.steering = previous[key]
 
     @contextlib.contextmanager
     def capture_codes(self) -> Iterator[dict[tuple[int, str], list[Tensor]]]:
-        """Record the chosen code ids: ``{(layer, site): [ids per forward call]}``, each
+        """Record the chosen code ids of the forward calls inside the block, in the current
+        thread (context) only: ``{(layer, site): [ids per forward call]}``, each
         ``[batch, seq, groups, k]``."""
         layers = self.codebook_layers()
         captured: dict = {key: [] for key in layers}
-        for key, layer in layers.items():
-            layer.capture = captured[key]
-        try:
+        runs = current_runs()
+        with running({layer: dataclasses.replace(runs.get(layer, SiteRun()),
+                                                 capture=captured[key])
+                      for key, layer in layers.items()}):
             yield captured
-        finally:
-            for layer in layers.values():
-                layer.capture = None
 
     def reset_code_counts(self) -> None:
         for layer in self.codebook_layers().values():
@@ -298,6 +309,10 @@ class CodebookModel(nn.Module):
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model",
                                      commit_message=commit_message)
         return str(info)
+
+
+def _as_steering(steering: Steering | dict | None) -> Steering | None:
+    return Steering.from_dict(steering) if isinstance(steering, dict) else steering
 
 
 def has_codebooks_attached(base: nn.Module) -> bool:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -150,3 +153,101 @@ def test_bad_steering_json_is_a_clear_error():
         Steering.from_json("{codes: [")
     with pytest.raises(ValueError, match=r"unknown steering keys \['colour'\]"):
         Steering.from_json('{"colour": "red"}')
+
+
+# -- steering and capture per call: threads, batch rows ------------------------------------------
+
+STEER_A = Steering(codes=["0:attn_heads:0:7", "0:attn_heads:2:9"], strength=3.0,
+                   positions="prompt")
+STEER_B = Steering(codes=["0:mlp_out:0:3"], mode="replace", positions="generated")
+
+
+def steered_generation(model, ids, steering, new_tokens=6):
+    """Greedy tokens and the codes chosen at the steered attention site, all calls joined."""
+    with torch.no_grad(), model.capture_codes() as captured:
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, steering=steering)
+    return out, torch.cat(captured[SITE], dim=1), len(captured[SITE])
+
+
+def test_threads_steer_one_model_differently_at_the_same_time():
+    model = tiny_model("llama", sites=["attn_heads", "mlp_out"], num_codes=32, k=3)
+    steerings = [STEER_A, None, STEER_B]
+    alone = [steered_generation(model, PROMPT, s) for s in steerings]
+    assert not torch.equal(alone[0][0], alone[1][0])
+    assert not torch.equal(alone[2][0], alone[1][0])
+    # Every forward call of every thread waits for the others in the middle of the model, so the
+    # three steering blocks are open at once during every call.
+    barrier = threading.Barrier(len(steerings), timeout=60)
+
+    def meet(module, args):
+        barrier.wait()
+
+    handle = model.codebook_layers()[SITE].register_forward_pre_hook(meet)
+    try:
+        with ThreadPoolExecutor(len(steerings)) as pool:
+            together = list(pool.map(lambda s: steered_generation(model, PROMPT, s), steerings))
+    finally:
+        handle.remove()
+    for (tokens, codes, calls), (want_tokens, want_codes, want_calls) in zip(
+            together, alone, strict=True):
+        assert calls == want_calls == 6  # each capture saw its own thread's calls only
+        assert torch.equal(tokens, want_tokens)
+        assert torch.equal(codes, want_codes)
+
+
+def test_each_batch_row_is_steered_by_its_own_steering():
+    model = tiny_model("llama", sites=["attn_heads", "mlp_out"], num_codes=32, k=3)
+    batch = torch.randint(2, VOCAB, (4, 6), generator=torch.Generator().manual_seed(3))
+    # Rows 0 and 3 share a steering, so the rows are snapped out of order and put back.
+    rows = [STEER_A, None, STEER_B, STEER_A]
+    together, codes, _ = steered_generation(model, batch, rows)
+    plain, _, _ = steered_generation(model, batch, None)
+    for row, steering in enumerate(rows):
+        alone, alone_codes, _ = steered_generation(model, batch[row:row + 1], steering)
+        assert torch.equal(together[row], alone[0])
+        assert torch.equal(codes[row], alone_codes[0])
+        assert torch.equal(alone[0], plain[row]) == (steering is None)
+
+
+def test_rows_with_equal_steerings_are_snapped_together():
+    model = tiny_model("llama", sites=["attn_heads"], num_codes=32, k=3)
+    ids = torch.randint(2, VOCAB, (2, 5))
+    calls = []
+    original = model.codebook_layers()[SITE].snap
+    model.codebook_layers()[SITE].snap = lambda h, *a: calls.append(h.shape[0]) or original(h, *a)
+    steering = Steering(codes=["1:attn_heads:0:7"])
+    twin = Steering.from_json(steering.to_json())  # equal, not the same object
+    with torch.no_grad(), model.steer([steering, twin]):
+        model(ids)
+    assert calls == [2]
+
+
+def test_a_per_row_steering_must_have_one_entry_per_row():
+    model = tiny_model("llama", sites=["attn_heads"], num_codes=32, k=3)
+    with torch.no_grad(), model.steer([STEER_A, None]), pytest.raises(
+            ValueError, match="2 per-row steerings for a batch of 3 rows"):
+        model(torch.randint(2, VOCAB, (3, 5)))
+
+
+def test_capture_inside_a_steering_block_records_the_steered_codes_and_keeps_it():
+    model = tiny_model("llama", sites=["attn_heads"], num_codes=32, k=3)
+    forced = Steering(codes=["1:attn_heads:1:4"], mode="replace")
+    with torch.no_grad(), model.steer(forced):
+        with model.capture_codes() as captured:
+            model(PROMPT)
+        with model.capture_codes() as after:
+            model(PROMPT)
+    assert (captured[SITE][0][0, :, 1, 0] == 4).all()
+    assert torch.equal(after[SITE][0], captured[SITE][0])  # the steering outlived the capture
+
+
+def test_steering_a_model_leaves_its_copy_unsteered():
+    model = tiny_model("llama", sites=["mlp_out"], num_codes=16, k=2)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        plain = twin(ids).logits
+        with model.steer(Steering(codes=["0:mlp_out:0:5"], mode="replace")):
+            assert torch.equal(twin(ids).logits, plain)
+            assert not torch.allclose(model(ids).logits, plain)
