@@ -52,12 +52,11 @@ from codebook.analysis.steer_eval import (
     sample_prompts,
     summarize,
 )
-from codebook.steering import Steering
+from codebook.steering import MODES, Steering
 
 LAST_LAYERS = (1, 2, None)
 NUM_CODES = (6, 12, 24)
 STRENGTHS = (1.5, 2.0, 2.5, 3.0, 4.0)
-MODES = ("add", "replace")
 PER_HEAD = 4
 # Below the target of 1.3 for the noise of a small sample: on the default model a setting at
 # 1.24 on the calibration seed measured 1.33 on another.

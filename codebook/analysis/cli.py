@@ -24,6 +24,7 @@ import argparse
 import json
 from pathlib import Path
 
+from codebook.steering_spec import MODES, POSITIONS
 from codebook.text import FORMATS
 
 # Steering from a topic search when a topic has no preset: how many of the best codes to force,
@@ -76,8 +77,8 @@ def _steering_options(parser: argparse.ArgumentParser, codes: bool = True) -> No
         parser.add_argument("--codes", metavar="SPEC",
                             help="codes to force, LAYER:SITE:HEAD:CODE comma-separated (or JSON)")
     parser.add_argument("--strength", type=float, help="scale of the forced codes")
-    parser.add_argument("--mode", choices=["add", "replace"], help="steering mode")
-    parser.add_argument("--positions", choices=["all", "prompt", "generated"],
+    parser.add_argument("--mode", choices=MODES, help="steering mode")
+    parser.add_argument("--positions", choices=POSITIONS,
                         help="tokens to steer (default: the preset's, else all)")
     parser.add_argument("--max-codes", type=int, default=TOPIC_MAX_CODES,
                         help="codes taken from topic search when the topic has no preset")
@@ -623,7 +624,7 @@ def _add_presets(subparsers) -> None:
                         help="steer only codes of the model's last N codebook layers; values "
                         "to try (default: 1 2 all)")
     parser.add_argument("--per-head", type=int, help="at most this many codes per head (4)")
-    parser.add_argument("--modes", nargs="+", choices=["add", "replace"],
+    parser.add_argument("--modes", nargs="+", choices=MODES,
                         help="steering modes to try (default: add replace)")
     parser.add_argument("--max-fluency", type=float, help="largest steered/unsteered loss "
                         "ratio a calibrated setting may have (default: 1.2)")
