@@ -11,8 +11,11 @@ The model box accepts, from anyone who can reach the app:
   resolving ``..`` and symlinks, lies inside one of those roots.
 
 Everything else (other paths, ``..`` tricks, URLs, control characters, revisions that climb out of
-the cache) is refused with a message saying why. A name found inside a visitor's model (the base
-model an original-library checkpoint names in ``base_model_name_or_path``) passes the same checks.
+the cache) is refused with a message saying why. Checkpoints of the paper's original library open
+by name only if they are the paper's released models, whose base models come from the table in
+:mod:`codebook.original`: a visitor's repo never chooses the base it runs on
+(``base_model_name_or_path`` in its config is refused). :func:`download_note` says, before
+anything is loaded, how much a name would fetch from the Hub.
 
 Every Hub repo such a load reads (the model, and the base model a checkpoint names) is at most
 ``CODEBOOK_APP_MAX_MODEL_MB``, counting every file that would be fetched (weights, configs,
@@ -104,6 +107,34 @@ def _check_local(name: str, roots: tuple[Path, ...]) -> str:
     if not path.is_dir():
         raise ModelError(f"model directory not found: {name}")
     return str(path)
+
+
+def download_note(name: str, settings: Settings) -> str:
+    """What loading ``name`` would fetch from the Hub, told before loading (a Markdown line; empty
+    for ``default`` and local directories). Never raises: a bad name gets its refusal, a size the
+    Hub cannot give is said to be unknown."""
+    from codebook.download_size import download_size
+
+    try:
+        name = check_model_name(name, settings.model_roots)
+    except ModelError as err:
+        return "" if not (name or "").strip() else f"**Cannot load**: {errors.public(str(err))}"
+    if name == hub.DEFAULT_MODEL_NAME or display_name(name) != name:
+        return ""
+    known = original.known_original(name)
+    what = (f"one of the paper's released models, on base {known.base_label}" if known
+            else "a Hub repo")
+    try:
+        size = download_size(name)
+    except Exception as err:  # noqa: BLE001 (a note, not an action: it must not fail)
+        log.info("cannot size %r: %s: %s", name, type(err).__name__, err)
+        return f"`{name}` ({what}): download size unknown"
+    line = f"`{name}` ({what}): {size.describe()}"
+    limit = settings.max_model_mb * 2**20
+    if any(r.size is not None and r.size > limit for r in size.repos):
+        line += (f". Over this server's limit of {settings.max_model_mb} MB per repo: it cannot be "
+                 "loaded here")
+    return errors.public(line)
 
 
 def visitor_policy(settings: Settings) -> hub.Policy:

@@ -4,8 +4,11 @@ That library saves a codebook model as a directory (or Hub repo) whose ``config.
 ``model_type: "codebook"`` and whose weights file holds the *full* state dict of the wrapped model:
 the base model's weights (possibly fine-tuned with the codebooks) under ``model.``, and every
 codebook layer's parameters. Its config does not name the base model, which is needed for the
-architecture hyper-parameters; pass it as ``base`` (a directory or Hub id), or add
-``base_model_name_or_path`` to the checkpoint's ``config.json``.
+architecture hyper-parameters (and, often, the tokenizer). The models the paper's authors released
+on the Hub (:data:`KNOWN_ORIGINALS`) open by name: their bases come from that table, kept here.
+Any other checkpoint needs its base: pass it as ``base`` (a directory or Hub id), or add
+``base_model_name_or_path`` to the checkpoint's ``config.json`` (followed only when no
+:class:`~codebook.hub.Policy` is given: a repo loaded for someone untrusted never chooses its base).
 
 :func:`load_original` rebuilds such a checkpoint as a :class:`~codebook.CodebookModel` that
 computes what the original library computes (see ``tests/fixtures/original/FORMAT.md``):
@@ -23,6 +26,7 @@ convert-original``). Weights are read from safetensors, or from ``pytorch_model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -78,6 +82,84 @@ _INFERENCE_KWARG_DEFAULTS = {"snap": True, "soft_snap": False}
 _STALE_BUFFER = re.compile(r"\.(attn|attention)\.(bias|masked_bias)$|\.inv_freq$")
 
 
+# -- the paper's released models -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownOriginal:
+    """A codebook model the paper's authors published on the Hub, with what its ``config.json``
+    lacks: the base model it was trained from (its config and tokenizer are read; the checkpoint
+    holds every weight), or, for a model trained from scratch, the base config the authors' code
+    built. ``source`` says where the base was found."""
+
+    repo_id: str
+    family: str  # the base model's model_type
+    base: str | None = None  # Hub repo id of the base model
+    base_revision: str | None = None  # its commit, pinned where known
+    base_config: dict | None = None  # instead of ``base``: the config (model_type included)
+    source: str = ""
+
+    @property
+    def base_label(self) -> str:
+        return self.base or f"a {self.family} config built in the code (no base repo)"
+
+
+_KNOWN = (
+    KnownOriginal(
+        "taufeeque/TinyStories-1Layer-21M-Codebook", "gpt_neo",
+        base="roneneldan/TinyStories-1Layer-21M",
+        base_revision="0d983335d1447a805aa0f4c0c440e257a0a87f44",
+        source="the authors' tutorial (tutorials/code_intervention.ipynb of "
+               "github.com/taufeeque9/codebook-features: model_name_or_path) and the repo's "
+               "model card (\"a fine-tuned version of roneneldan/TinyStories-1Layer-21M\"); "
+               "revision: that repo's main on the Hub",
+    ),
+    KnownOriginal(
+        "taufeeque/pythia410m_wikitext_attn_codebook_model", "gpt_neox",
+        base="EleutherAI/pythia-410m-deduped",
+        source="the authors' code (codebook_circuits/mvp/codebook_patching.py of "
+               "github.com/taufeeque9/codebook-features: model_name_or_path); revision unknown",
+    ),
+    KnownOriginal(
+        "taufeeque/TokFSM_k1_codebook_model", "gpt_neox",
+        # Trained from scratch: codebook_features/train_fsm_model.py (load_model) builds this
+        # GPTNeoXConfig from codebook_features/config/fsm_main.yaml, the rest left at the
+        # defaults of transformers 4.28 (rotary_pct 0.25, parallel residual, untied embeddings).
+        # The repo has its own tokenizer (ten digits and <|endoftext|>).
+        base_config={"model_type": "gpt_neox", "vocab_size": 11, "hidden_size": 128,
+                     "num_hidden_layers": 4, "num_attention_heads": 4,
+                     "intermediate_size": 512, "rotary_emb_base": 10000, "rotary_pct": 0.25,
+                     "max_position_embeddings": 128, "bos_token_id": 10, "eos_token_id": 10,
+                     "use_parallel_residual": True, "tie_word_embeddings": False},
+        source="the authors' training code for TokFSM (codebook_features/train_fsm_model.py "
+               "and config/fsm_main.yaml of github.com/taufeeque9/codebook-features)",
+    ),
+)
+# The codebook models the paper's authors published (huggingface.co/taufeeque), by repo id.
+KNOWN_ORIGINALS: dict[str, KnownOriginal] = {k.repo_id: k for k in _KNOWN}
+_BY_FOLDED_ID = {k.repo_id.casefold(): k for k in _KNOWN}
+
+
+def known_original(name: str | os.PathLike) -> KnownOriginal | None:
+    """The table's entry for ``name``: a Hub repo id (``@revision`` allowed; the Hub ignores case)
+    of a model the paper's authors released; ``None`` for anything else, a local path included."""
+    name = str(name).strip()
+    if not name or name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        return None
+    repo_id, _ = hub.split_revision(name)
+    return _BY_FOLDED_ID.get(repo_id.casefold())
+
+
+def _untrusted_base(src) -> ValueError:
+    known = ", ".join(KNOWN_ORIGINALS)
+    return ValueError(
+        f"{src} is a checkpoint of the original codebook-features library that this server does "
+        "not know: a repo cannot choose the base model it runs on, so here only the paper's "
+        f"released models open by name (their bases are kept in the code: {known}). Convert it "
+        "with `python -m codebook convert-original SRC --base BASE --out DIR` and load the "
+        "converted copy")
+
+
 def is_original_checkpoint(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a checkpoint of the original library (and not ours)."""
     directory = Path(directory)
@@ -101,12 +183,13 @@ def load_original(
     policy: hub.Policy | None = None,
 ) -> CodebookModel:
     """Load an original-library checkpoint ``src`` (directory or Hub id) on its base model
-    ``base`` (directory or Hub id; default: ``base_model_name_or_path`` in ``src``'s config).
+    ``base`` (directory or Hub id). Without ``base``: the table's base for the paper's released
+    models (:data:`KNOWN_ORIGINALS`), else ``base_model_name_or_path`` in ``src``'s config.
 
     ``dtype`` defaults to the dtype of the checkpoint's weights. ``policy`` (see
-    :class:`codebook.hub.Policy`) applies to ``src`` and to the base model, which is named by the
-    checkpoint itself when ``base`` is not given: a server loading checkpoints for visitors must
-    pass its own, or a repo could name any directory on the server as its base."""
+    :class:`codebook.hub.Policy`) applies to ``src`` and to the base model; with a policy the
+    base is never taken from the checkpoint (a repo loaded for someone untrusted cannot choose the
+    model it runs on, or name a directory on the server): only ``base`` or the table's."""
     src_dir = hub.resolve_model_dir(src, revision=revision, token=token, policy=policy)
     if not _weight_files(src_dir):
         # A Hub snapshot only fetches safetensors by default; this layout may store its weights
@@ -120,26 +203,41 @@ def load_original(
         raise ValueError(f"{src} is not a checkpoint of the original codebook-features library "
                          f"(its config.json has model_type {raw.get('model_type')!r}, not "
                          f"{ORIGINAL_MODEL_TYPE!r})")
-    base = base if base is not None else raw.get("base_model_name_or_path")
+    known = known_original(src) if base is None else None
+    base_revision = base_config_dict = None
+    if known is not None:
+        architectures = raw.get("architectures") or []
+        if FAMILIES.get(architectures[0] if architectures else None) != known.family:
+            raise ValueError(f"{src} is not the {known.family} model the table of the paper's "
+                             f"models expects (its config.json names {architectures})")
+        base, base_revision, base_config_dict = known.base, known.base_revision, known.base_config
+    elif base is None:
+        base = raw.get("base_model_name_or_path")
+        if policy is not None:
+            raise _untrusted_base(src)
     if base is not None and not isinstance(base, str | os.PathLike):
         raise ValueError(f"{src}: base_model_name_or_path in its config.json must be a string")
-    if not base:
+    if not base and base_config_dict is None:
         raise ValueError(f"{src} does not name its base model (the original library does not "
                          "save it): pass the base model it was trained from, e.g. "
                          "--base roneneldan/TinyStories-1M or base=..., or add "
                          "base_model_name_or_path to its config.json")
-    try:
-        base_dir = hub.resolve_model_dir(base, token=token, allow_patterns=BASE_PATTERNS,
-                                         policy=policy)
-    except (FileNotFoundError, ValueError) as err:
-        raise FileNotFoundError(f"base model {base}: {err}") from None
-    base_config = _base_config(base_dir, base, raw, src)
+    base_dir = None
+    if base_config_dict is not None:
+        base = f"the {known.family} config of {known.repo_id} kept in the code"
+    else:
+        try:
+            base_dir = hub.resolve_model_dir(base, revision=base_revision, token=token,
+                                             allow_patterns=BASE_PATTERNS, policy=policy)
+        except (FileNotFoundError, ValueError) as err:
+            raise FileNotFoundError(f"base model {base}: {err}") from None
+    base_config = _base_config(base_dir, base, raw, src, base_config_dict)
 
     config, specs = _convert_config(raw, base_config, src)
     base_state, codebook_state = _split_state(_read_state(src_dir))
     model = _load_base(base_config, base_state, dtype, src, base)
     tokenizer = hub.load_tokenizer(src_dir)
-    if tokenizer is None:
+    if tokenizer is None and base_dir is not None:
         tokenizer = hub.load_tokenizer(base_dir)
     cb_model = CodebookModel(model, config, tokenizer=tokenizer)
     _load_codebooks(cb_model, specs, codebook_state, base_config.model_type, src)
@@ -182,10 +280,12 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _base_config(base_dir: Path, base, raw: dict, src):
+def _base_config(base_dir: Path | None, base, raw: dict, src, config_dict: dict | None = None):
+    """The base model's config: read from ``base_dir``, or built from ``config_dict``."""
     from transformers import AutoConfig
 
-    model_type = _read_json(base_dir / "config.json").get("model_type")
+    own = config_dict if config_dict is not None else _read_json(base_dir / "config.json")
+    model_type = own.get("model_type")
     if model_type == ORIGINAL_MODEL_TYPE:
         raise ValueError(f"base model {base} is itself an original codebook checkpoint; pass "
                          "the plain Hugging Face model it was trained from")
@@ -200,6 +300,8 @@ def _base_config(base_dir: Path, base, raw: dict, src):
     if family not in FAMILIES.values():
         raise ValueError(f"base model {base} is {model_type!r}; the original library supports "
                          f"{', '.join(sorted(set(FAMILIES.values())))}")
+    if config_dict is not None:
+        return AutoConfig.for_model(**config_dict)
     return AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
 
 

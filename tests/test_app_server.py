@@ -148,7 +148,7 @@ def test_every_public_event_has_a_named_endpoint(client):
     # Exactly these: every other event (chips, table clicks, tab switches) is private.
     assert set(api["named_endpoints"]) == {
         "/generate", "/topic", "/search_topics", "/search_codes", "/code", "/tokens", "/export",
-        "/load_model", "/import_steering"}
+        "/load_model", "/model_size", "/import_steering"}
     assert not api["unnamed_endpoints"]
 
 

@@ -165,6 +165,9 @@ class FakeHub:
         return str(folder)
 
 
+PAPERS_MODEL = "taufeeque/TinyStories-1Layer-21M-Codebook"
+
+
 def _response(status: int):
     import httpx2
 
@@ -179,8 +182,8 @@ def _files(directory: Path) -> dict[str, bytes]:
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     """A FakeHub with: a small model of ours, the same with a large file of each kind the app
-    fetches, an original checkpoint whose weights are a large pytorch_model.bin, one whose base
-    model has a large tokenizer file, and a file of unknown size."""
+    fetches, an original checkpoint whose weights are a large pytorch_model.bin, one of the paper's
+    models whose base model has a large tokenizer file, and a file of unknown size."""
     import huggingface_hub
 
     from tests.test_analysis import word_tokenizer
@@ -191,6 +194,7 @@ def fake_hub(tmp_path, monkeypatch):
     small = _files(tmp_path / "small")
     original = REPO_ROOT / "tests" / "fixtures" / "original" / "gpt2_mlp"
     config = json.loads((original / "codebook" / "config.json").read_text())
+    neo = original.parent / "gpt_neo_mlp"
     repos = {
         "ok/small": small,
         "big/npz": {**small, "index.npz": 3 * MB},
@@ -201,12 +205,10 @@ def fake_hub(tmp_path, monkeypatch):
         "orig/bin": {"config.json": json.dumps({**config, "base_model_name_or_path":
                                                 "orig/base"}).encode(),
                      "pytorch_model.bin": 3 * MB},
-        "orig/big-base": {"config.json": json.dumps({**config, "base_model_name_or_path":
-                                                     "base/big"}).encode(),
-                          **{f: (original / "codebook" / f).read_bytes()
-                             for f in ("model.safetensors",)}},
+        # One of the paper's models, whose base (from the table in codebook.original) is large.
+        PAPERS_MODEL: _files(neo / "codebook"),
+        "roneneldan/TinyStories-1Layer-21M": {**_files(neo / "base"), "vocab.txt": 3 * MB},
         "orig/base": _files(original / "base"),
-        "base/big": {**_files(original / "base"), "vocab.txt": 3 * MB},
     }
     hub = FakeHub(tmp_path / "fake-hub", repos)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
@@ -224,7 +226,7 @@ def _registry(max_model_mb: int = 1):
 
 
 @pytest.mark.parametrize("repo", ["big/npz", "big/png", "big/json", "big/txt", "orig/bin",
-                                  "orig/big-base"])
+                                  PAPERS_MODEL])
 def test_the_app_counts_every_file_it_would_fetch_against_its_limit(fake_hub, repo):
     from app.models import ModelError
 

@@ -9,8 +9,9 @@ import dataclasses
 import gradio as gr
 
 from app import model_info
-from app.models import LoadedModel
+from app.models import LoadedModel, download_note
 from app.tabs import AppContext
+from codebook.original import KNOWN_ORIGINALS
 
 
 @dataclasses.dataclass
@@ -21,6 +22,8 @@ class ModelTab:
     facts: gr.Markdown
     plots: list[gr.Image]  # one per model_info.PLOTS
     card: gr.Markdown
+    size: gr.Markdown | None = None  # what the name in the box would download, before loading
+    paper: gr.Dropdown | None = None  # the paper's released models, to fill the box
 
 
 def texts(loaded: LoadedModel) -> list[str]:
@@ -40,6 +43,16 @@ def build(ctx: AppContext, start: LoadedModel) -> ModelTab:
                           info="'default', or a Hub repo id: owner/name or owner/name@revision",
                           scale=4)
         load = gr.Button("Load", variant="primary", scale=1, min_width=90)
+    paper = gr.Dropdown(list(KNOWN_ORIGINALS), value=None, label="The paper's released models",
+                        info="fills the box; their base models come from a table in the code")
+    size = gr.Markdown(elem_classes="hint", elem_id="model-size")
+    paper.input(lambda repo: repo or gr.skip(), [paper], [name], api_visibility="private",
+                show_progress="hidden")
+    # Before loading: the size of what the name in the box would fetch (a public endpoint, so
+    # API clients can ask too). Typing fires it often: only the last value is sized.
+    name.change(lambda text: download_note(text, ctx.settings), [name], [size],
+                api_name="model_size", trigger_mode="always_last", show_progress="hidden",
+                concurrency_limit=4, concurrency_id="model_size")
     status = gr.Markdown(elem_classes="hint")
     facts = gr.Markdown(model_info.facts(start))
     paths = model_info.plots(start, ctx.workdir / "plots")
@@ -48,4 +61,4 @@ def build(ctx: AppContext, start: LoadedModel) -> ModelTab:
              for name, caption in model_info.PLOTS.items()]
     with gr.Accordion("Model card", open=True):
         card = gr.Markdown(model_info.card(start))
-    return ModelTab(name, load, status, facts, plots, card)
+    return ModelTab(name, load, status, facts, plots, card, size, paper)
