@@ -17,7 +17,7 @@ by name only if they are the paper's released models, whose base models come fro
 (``base_model_name_or_path`` in its config is refused). :func:`download_note` says, before
 anything is loaded, how much a name would fetch from the Hub.
 
-Every Hub repo such a load reads (the model, and the base model a checkpoint names) is at most
+Every Hub repo such a load reads (the model, and the base model the table gives) is at most
 ``CODEBOOK_APP_MAX_MODEL_MB``, counting every file that would be fetched (weights, configs,
 tokenizer, card, analysis files), whether already cached or not; sizes are asked of the Hub before
 anything is downloaded, a file of unknown size is refused, and when the Hub cannot give sizes
@@ -138,8 +138,9 @@ def download_note(name: str, settings: Settings) -> str:
 
 
 def visitor_policy(settings: Settings) -> hub.Policy:
-    """What :mod:`codebook.hub` may resolve for a visitor: every name (the one typed and any a
-    checkpoint names) through :func:`check_model_name`, every Hub repo within the size limit."""
+    """What :mod:`codebook.hub` may resolve for a visitor: every name (the one typed and a
+    released model's base from the table) through :func:`check_model_name`, every Hub repo within
+    the size limit."""
     return hub.Policy(check_name=lambda name: check_model_name(name, settings.model_roots),
                       max_bytes=settings.max_model_mb * 2**20)
 

@@ -3,8 +3,9 @@
 By default every name is resolved as its owner asks (this is the library and the CLI, run by
 whoever owns the machine): a local directory wins over a Hub repo of the same name, and Hub
 downloads have no size limit. A caller serving names from people it does not trust (the app)
-passes a :class:`Policy`, applied to **every** name resolved on its behalf, including names found
-inside a checkpoint (an original-library checkpoint's ``base_model_name_or_path``):
+passes a :class:`Policy`, applied to **every** name resolved on its behalf, including the base
+model that :mod:`codebook.original`'s table gives one of the paper's released models (with a
+policy, a base named inside a checkpoint, ``base_model_name_or_path``, is never followed):
 
 * ``check_name`` vets each name before anything is read (the app's: Hub ids, or local directories
   inside ``CODEBOOK_APP_MODEL_ROOTS``), so a repo cannot reach a directory its visitor could not;
