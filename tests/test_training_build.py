@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 
 from codebook import CodebookModel
 from codebook.analysis.word_topics import WordTopics
@@ -22,7 +24,9 @@ def test_build_default_runs_every_stage_then_skips_them(tmp_path, capsys, shared
             "--num-codes", "16", "--k", "2", "--min-documents", "20", "--topics", "friend",
             "--preset-num-codes", "2", "--preset-strengths", "2", "--calibration-samples", "1",
             "--samples-per-prompt", "1", "--max-new-tokens", "8", "--index-tokens", "3000",
-            "--batch-size", "4", "--block-size", "64", "--threads", "1", "--no-progress"]
+            "--batch-size", "4", "--block-size", "64", "--threads", "1", "--no-progress",
+            "--card-notes", str(Path(__file__).resolve().parents[1] / "training" /
+                                "default_model_notes.md")]
     assert main(argv) == 0
     first = capsys.readouterr().out
     for stage in ("stories", "tokenizer", "pretrain", "baseline", "finetune", "word topics",
@@ -36,6 +40,9 @@ def test_build_default_runs_every_stage_then_skips_them(tmp_path, capsys, shared
     assert "friend" in stats.words and stats.info["min_documents"] == 20
     assert "friend" in json.loads((output / "topics.json").read_text())
     assert json.loads((work / "base" / "training_config.json").read_text())["codebooks"] is False
+    card = ModelCard.load(output / "README.md").data  # the shipped card's metadata
+    assert (card.license, card.base_model, card.datasets) == ("mit", None,
+                                                              ["roneneldan/TinyStories"])
     # A second run finds every output and redoes nothing.
     assert main(argv) == 0
     second = capsys.readouterr().out
