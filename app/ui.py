@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.errors import shown
+from app.errors import endpoint
 from app.exporting import ExportCache
 from app.models import LoadedModel, ModelRegistry
 from app.settings import Settings
@@ -60,9 +60,9 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
                                    [steer_tab.codes, tabs, steer_tab.status],
                                    api_visibility="private")
 
-        # The endpoint returns plain texts (what API clients get); the browser then updates
+        # The endpoint returns plain texts (what API clients get); the browser also updates
         # what depends on the model's shape: plots, topic buttons, the code browser's choices.
-        @shown
+        # A failed load changes nothing but the Model tab's status line (and a notice).
         def load_model(name: str):
             loaded = registry.load_for_visitor(name)
             return [loaded.name, f"Loaded `{loaded.label}`.", model_line(loaded),
@@ -75,12 +75,19 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
             return [*model.plot_updates(ctx, loaded), *steer.topic_buttons(loaded), [],
                     gr.update(choices=codes.site_choices(loaded), value=site), head, code]
 
-        gr.on([model_tab.load.click, model_tab.name.submit], load_model, [model_tab.name],
-              [model_state, model_tab.status, header, model_tab.facts, model_tab.card,
-               steer_tab.hint, steer_tab.codes, steer_tab.search_summary, codes_tab.index_note],
-              api_name="load_model", concurrency_limit=1, concurrency_id="load",
-              preprocess=False).success(
-            show_model, [model_state],
-            [*model_tab.plots, *steer_tab.topic_buttons, steer_tab.selected, codes_tab.site,
-             codes_tab.head, codes_tab.code], api_visibility="private", show_progress="hidden")
+        def load_and_show(name: str):
+            texts = load_model(name)
+            return [*texts, *show_model(texts[0])]
+
+        texts_out = [model_state, model_tab.status, header, model_tab.facts, model_tab.card,
+                     steer_tab.hint, steer_tab.codes, steer_tab.search_summary,
+                     codes_tab.index_note]
+        endpoint([model_tab.load.click, model_tab.name.submit], load_model, [model_tab.name],
+                 texts_out, status=model_tab.status, api_name="load_model",
+                 concurrency_limit=1, concurrency_id="load", preprocess=False,
+                 browser=load_and_show,
+                 browser_outputs=[*texts_out, *model_tab.plots, *steer_tab.topic_buttons,
+                                  steer_tab.selected, codes_tab.site, codes_tab.head,
+                                  codes_tab.code],
+                 show_progress_on=[model_tab.status])
     return demo

@@ -12,7 +12,7 @@ import pandas as pd
 
 from app import inputs
 from app.analysis import code_details, code_search, has_index, index_summary
-from app.errors import shown
+from app.errors import endpoint, reported
 from app.gpu import gpu
 from app.models import LoadedModel
 from app.tabs import AppContext
@@ -113,7 +113,6 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
     current = gr.State(None)
 
     @gpu()  # promoted tokens multiply the model's weights
-    @shown
     def show_code(site_now: str, head_now, code_now, model_name: str):
         loaded = ctx.model(model_name)
         layer, _, site_name = inputs.text(site_now, "layer and site").partition(":")
@@ -126,10 +125,10 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
         return (summary_markdown(details), contexts_html(details["contexts"]),
                 gr.update(visible=True), str(ref))
 
-    gr.on([show.click, code.submit], show_code, [site, head, code, ctx.model_state],
-          [summary, contexts, steer_with, current], api_name="code", preprocess=False)
+    code_outputs = [summary, contexts, steer_with, current]
+    endpoint([show.click, code.submit], show_code, [site, head, code, ctx.model_state],
+             code_outputs, status=summary, api_name="code", preprocess=False)
 
-    @shown
     def search_codes(pattern: str, model_name: str):
         loaded = ctx.model(model_name)
         rows, note = code_search(loaded, inputs.regex(pattern))
@@ -138,8 +137,9 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
                               for r in rows], columns=SEARCH_HEADERS)
         return frame, note + ". Click a row to open the code."
 
-    gr.on([search.click, regex.submit], search_codes, [regex, ctx.model_state],
-          [table, search_summary], api_name="search_codes", preprocess=False)
+    endpoint([search.click, regex.submit], search_codes, [regex, ctx.model_state],
+             [table, search_summary], status=search_summary, api_name="search_codes",
+             preprocess=False)
 
     def open_row(evt: gr.SelectData):
         row = evt.row_value or []
@@ -150,7 +150,7 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
         return f"{ref.layer}:{ref.site}", ref.head, ref.code
 
     table.select(open_row, None, [site, head, code], api_visibility="private").then(
-        show_code, [site, head, code, ctx.model_state], [summary, contexts, steer_with, current],
-        api_visibility="private", preprocess=False)
+        reported(show_code, len(code_outputs), 0), [site, head, code, ctx.model_state],
+        code_outputs, api_visibility="private", preprocess=False)
 
     return CodesTab(site, head, code, index_note, steer_with, current)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app import inputs
-from app.errors import shown
+from app.errors import endpoint
 from app.exporting import parse_formats, usage_snippet
 from app.tabs import AppContext
 from app.tabs.steer import SteerTab
@@ -51,7 +51,6 @@ def build(ctx: AppContext, steer: SteerTab) -> None:
     # default argument is how Gradio injects its progress tracker.
     # Plain values for API clients (the file, the report, the snippet); the browser then shows
     # the download button and the snippet.
-    @shown
     def export(choice, full_now, model_name, codes, progress=gr.Progress()):  # noqa: B008
         loaded = ctx.model(model_name)
         chosen = parse_formats(choice)
@@ -64,9 +63,12 @@ def build(ctx: AppContext, steer: SteerTab) -> None:
                 verification_markdown(result.verification, result.cached, result.zip_path.name),
                 usage_snippet(result, codes))
 
-    build_button.click(export, [formats, full, ctx.model_state, steer.codes],
-                       [download, report, snippet], api_name="export", concurrency_limit=1,
-                       concurrency_id="export", show_progress_on=report,
-                       preprocess=False).success(
-        lambda: (gr.update(visible=True), gr.update(visible=True)), None, [download, snippet],
-        api_visibility="private", show_progress="hidden")
+    def export_shown(choice, full_now, model_name, codes, progress=gr.Progress()):  # noqa: B008
+        path, verified, usage = export(choice, full_now, model_name, codes, progress)
+        return (gr.update(value=path, visible=True), verified,
+                gr.update(value=usage, visible=True))
+
+    endpoint([build_button.click], export, [formats, full, ctx.model_state, steer.codes],
+             [download, report, snippet], status=report, api_name="export",
+             browser=export_shown, concurrency_limit=1, concurrency_id="export",
+             show_progress_on=report, preprocess=False)

@@ -41,7 +41,7 @@ def build(ctx: AppContext, start: LoadedModel) -> ModelTab:
     with gr.Row(equal_height=False):
         name = gr.Textbox(start.label, label="Model",
                           info="'default', or a Hub repo id: owner/name or owner/name@revision",
-                          scale=4)
+                          scale=4, elem_id="model-name")
         load = gr.Button("Load", variant="primary", scale=1, min_width=90)
     paper = gr.Dropdown(list(KNOWN_ORIGINALS), value=None, label="The paper's released models",
                         info="fills the box; their base models come from a table in the code")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 
 import gradio as gr
@@ -21,7 +22,7 @@ import pandas as pd
 
 from app import highlight, inputs
 from app.analysis import has_index, index_summary, topic_search
-from app.errors import shown, warn
+from app.errors import endpoint, reported, shown, warn
 from app.generation import continuation_text, side_by_side
 from app.gpu import gpu
 from app.inputs import InputError
@@ -41,6 +42,30 @@ SEARCH_HEADERS = ["code", "precision", "recall", "example contexts (hit in [brac
 DEFAULT_PROMPT = "Once upon a time,"
 EMPTY_STORY = "<div class='story-text empty'>Press Generate to write a story.</div>"
 CHIP = "topic-chip"  # every topic button's class; a selected one has "selected" too
+
+# Stop: each page (Gradio session) that is generating has an event here, which its Stop button
+# sets and its generation checks after every step. Stopping from inside, rather than cancelling
+# the event, lets the generation end as usual with its partial stories (Gradio's cancel raced
+# the stream and could end the event as failed, with "Error" badges over the stories).
+_stops: dict[str, threading.Event] = {}
+_stops_lock = threading.Lock()
+
+
+def stop_flag(session: str | None, fresh: bool = False) -> threading.Event | None:
+    """The Stop flag of the page ``session``: a new one when ``fresh`` (a generation starts),
+    else the current one (``None`` when the page is not generating)."""
+    if not session:
+        return None
+    with _stops_lock:
+        if fresh:
+            _stops[session] = threading.Event()
+        return _stops.get(session)
+
+
+def _drop_stop_flag(session: str | None, flag: threading.Event | None) -> None:
+    with _stops_lock:
+        if session and flag is not None and _stops.get(session) is flag:
+            del _stops[session]
 
 
 @dataclasses.dataclass
@@ -382,7 +407,6 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     preset_outputs = [codes, strength, mode, positions, highlight_box, status]
 
-    @shown
     def click_topic(topic: str, selected_now, codes_now, model_name: str):
         loaded = ctx.model(model_name)
         done = toggled(loaded, topic, selected_now, codes_now)
@@ -391,19 +415,31 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         return [chips(done.codes), *settings, done.regex, done.note, done.selected,
                 *topic_buttons(loaded, done.selected)]
 
+    topic_outputs = [*preset_outputs, selected, *buttons]
     for button in buttons:
-        button.click(click_topic, [button, selected, codes, ctx.model_state],
-                     [*preset_outputs, selected, *buttons], api_visibility="private",
-                     preprocess=False)
+        button.click(reported(click_topic, len(topic_outputs), preset_outputs.index(status)),
+                     [button, selected, codes, ctx.model_state], topic_outputs,
+                     api_visibility="private", preprocess=False)
     # For API clients, by topic name: a preset's own steering (no chips to combine with).
     topic_name = gr.Textbox(visible=False)
     gr.Button(visible=False).click(apply_topic, [topic_name, ctx.model_state], preset_outputs,
                                    api_name="topic", preprocess=False)
 
     @gpu()
-    @shown
     def run(model_name, prompt_text, codes_now, strength_now, mode_now, positions_now, seed_now,
-            random_now, temperature_now, max_now, highlight_now):
+            random_now, temperature_now, max_now, highlight_now, request: gr.Request = None):
+        session = getattr(request, "session_hash", None)
+        stop_now = stop_flag(session)  # set by this page's Stop button
+        try:
+            yield from generation_updates(model_name, prompt_text, codes_now, strength_now,
+                                          mode_now, positions_now, seed_now, random_now,
+                                          temperature_now, max_now, highlight_now, stop_now)
+        finally:
+            _drop_stop_flag(session, stop_now)
+
+    def generation_updates(model_name, prompt_text, codes_now, strength_now, mode_now,
+                           positions_now, seed_now, random_now, temperature_now, max_now,
+                           highlight_now, stop_now: threading.Event | None):
         loaded = ctx.model(model_name)
         max_new = inputs.max_new_tokens(max_now, settings.max_new_tokens)
         ids = inputs.prompt_ids(loaded, prompt_text, settings.max_prompt_chars, max_new)
@@ -430,7 +466,11 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                     "steering": steering.to_dict() if steering else None, "done": done}
 
         # Every update carries a value for each output an API client sees (no gr.skip()).
+        stopped = False
         for pair in side_by_side(loaded, ids, steering, used_seed, temperature_value, max_new):
+            if stop_now is not None and stop_now.is_set():
+                stopped = True
+                break
             if time.monotonic() - sent >= STREAM_INTERVAL:
                 sent = time.monotonic()
                 partial = plain(pair, done=False)
@@ -439,7 +479,7 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                        marker.story_html(prompt_text, partial["steered"]), used_seed,
                        f"Writing: {len(pair[0])} and {len(pair[1])} new tokens…", partial,
                        tokens_of(pair))
-        texts_out = plain(pair, done=True)
+        texts_out = plain(pair, done=not stopped)
         texts = [texts_out["unsteered"], texts_out["steered"]]
         stories = (marker.story_html(prompt_text, texts[0]),
                    marker.story_html(prompt_text, texts[1]))
@@ -453,25 +493,42 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                 note += f" Topic words: {counts[0]} without, **{counts[1]} with steering**."
         if marker.problem:
             note += f" Topic words are not marked: {marker.problem}."
+        if stopped:
+            note = stopped_note(texts_out)
         yield *stories, used_seed, note, texts_out, tokens_of(pair)
 
-    triggers = [generate.click, prompt.submit]
-    gr.on(triggers, lambda: (gr.update(interactive=False), gr.update(visible=True)), None,
-          [generate, stop], queue=False, api_visibility="private", show_progress="hidden")
-    generating = gr.on(
-        triggers, run, [ctx.model_state, prompt, codes, strength, mode, positions, seed,
-                        random_seed, temperature, max_tokens, highlight_box],
-        [unsteered, steered, seed, status, result, last], api_name="generate",
-        concurrency_limit=settings.concurrency, concurrency_id="generate", preprocess=False)
+    def starting(request: gr.Request):
+        stop_flag(request.session_hash, fresh=True)
+        return gr.update(interactive=False), gr.update(visible=True)
+
+    run_inputs = [ctx.model_state, prompt, codes, strength, mode, positions, seed, random_seed,
+                  temperature, max_tokens, highlight_box]
+    run_outputs = [unsteered, steered, seed, status, result, last]
+    run_options = dict(concurrency_limit=settings.concurrency, concurrency_id="generate",
+                       preprocess=False)
+    # For API clients: the endpoint, raising on bad input.
+    gr.Button(visible=False).click(shown(run), run_inputs, run_outputs, api_name="generate",
+                                   **run_options)
+    # In the page: Generate gives way to Stop, the generation runs (a bad input is told in the
+    # status line and a notice, never raised into the stories), then Generate comes back.
     ready = (gr.update(interactive=True), gr.update(visible=False))
-    generating.then(lambda: ready, None, [generate, stop], api_visibility="private",
-                    show_progress="hidden", queue=False)
-    # Stop keeps the stories written so far (each streamed update already showed them).
-    stop.click(lambda result_now: (*ready, stopped_note(result_now)), [result],
-               [generate, stop, status], cancels=[generating], api_visibility="private",
+    gr.on([generate.click, prompt.submit], starting, None, [generate, stop], queue=False,
+          api_visibility="private", show_progress="hidden").then(
+        reported(run, len(run_outputs), run_outputs.index(status)), run_inputs, run_outputs,
+        api_visibility="private", **run_options).then(
+        lambda: ready, None, [generate, stop], api_visibility="private",
+        show_progress="hidden", queue=False)
+
+    def stopping(request: gr.Request):
+        flag = stop_flag(request.session_hash)
+        if flag is None:  # the generation has ended already
+            return ready
+        flag.set()  # the generation ends after its current step, keeping what it wrote
+        return gr.update(interactive=False), gr.update(visible=False)
+
+    stop.click(stopping, None, [generate, stop], api_visibility="private",
                show_progress="hidden", queue=False)
 
-    @shown
     def find(query: str, model_name: str):
         loaded = ctx.model(model_name)
         pattern = inputs.regex(query, "search")
@@ -481,9 +538,9 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
              for r in rows], columns=SEARCH_HEADERS)
         return table, summary + ". Click a row to add its code.", pattern
 
-    gr.on([search.click, search_box.submit], find, [search_box, ctx.model_state],
-          [search_table, search_summary, highlight_box], api_name="search_topics",
-          preprocess=False)
+    endpoint([search.click, search_box.submit], find, [search_box, ctx.model_state],
+             [search_table, search_summary, highlight_box], status=search_summary,
+             api_name="search_topics", preprocess=False)
 
     def add_row(codes_now, evt: gr.SelectData):
         row = evt.row_value or []
@@ -518,17 +575,18 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
           status)
     guard(seed, lambda value: inputs.integer(value, "seed", 0, inputs.MAX_SEED), status)
 
-    @shown
     def import_json(shared: str, model_name: str):
         steering = inputs.steering_json(ctx.model(model_name), shared)
         return (chips([str(c) for c in steering.codes]), steering.strength, steering.mode,
                 steering.positions, f"Applied a steering set of {len(steering.codes)} codes.")
 
-    apply_json.click(import_json, [json_box, ctx.model_state],
-                     [codes, strength, mode, positions, status], api_name="import_steering",
-                     preprocess=False).success(
-        lambda: cleared()[2:], None, [selected, *buttons], api_visibility="private",
-        show_progress="hidden")  # a pasted set replaces the chips' codes
+    import_outputs = [codes, strength, mode, positions, status]
+    # In the page a pasted set also unselects the topic chips (it replaces their codes).
+    endpoint([apply_json.click], import_json, [json_box, ctx.model_state], import_outputs,
+             status=status, api_name="import_steering", preprocess=False,
+             browser=lambda shared, model_name: (*import_json(shared, model_name),
+                                                 *cleared()[2:]),
+             browser_outputs=[*import_outputs, selected, *buttons])
 
     return SteerTab(prompt, hint, buttons, selected, codes, strength, mode, positions,
                     highlight_box, seed, random_seed, temperature, max_tokens, unsteered, steered,

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from app import inputs
-from app.errors import shown
+from app.errors import endpoint, reported
 from app.generation import continuation_text
 from app.gpu import gpu
 from app.tabs import AppContext
@@ -59,7 +59,6 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
     view = gr.State(None)
 
     @gpu()
-    @shown
     def show_tokens(text_now: str, choice: str, model_name: str, codes, strength, mode,
                     positions, prompt: str, source_now: dict | None):
         loaded = ctx.model(model_name)
@@ -94,8 +93,8 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
     token_inputs = [text, steering_choice, ctx.model_state, steer.codes, steer.strength,
                     steer.mode, steer.positions, steer.prompt, source]
     token_outputs = [tokens, selected, table, view]
-    gr.on([show.click, text.submit], show_tokens, token_inputs, token_outputs, api_name="tokens",
-          preprocess=False)
+    endpoint([show.click, text.submit], show_tokens, token_inputs, token_outputs,
+             status=selected, api_name="tokens", preprocess=False)
 
     def pick(view_now: TokenCodes | None, evt: gr.SelectData):
         if view_now is None or not isinstance(evt.index, int):
@@ -111,8 +110,9 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
 
     def open_story(side: int):
         def opener(last: dict | None, model_name: str):
-            if not last:
-                raise gr.Error("Generate a story first.", print_exception=False)
+            if not last:  # told in the Steer tab's status line, which the visitor sees
+                return ([gr.skip()] * (len(opened_outputs) - 1)
+                        + ["**Nothing to open yet**: press **Generate** first."])
             loaded = ctx.model(model_name)
             story = last["prompt"] + continuation_text(loaded, last["prompt_ids"],
                                                        last["tokens"][side])
@@ -124,17 +124,27 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
             set_parts = ([steering.strength, steering.mode, steering.positions] if steering
                          else [gr.skip()] * 3)
             return (story, "on" if steered else "off", opened, gr.Tabs(selected=TAB_ID), codes,
-                    *set_parts)
+                    *set_parts, gr.skip())
 
         return opener
 
     # The story's own steering is put back in the steering set, so the view shows what was
     # active while it was written even if the set was edited since.
+    opened_outputs = [text, steering_choice, source, tabs, steer.codes, steer.strength,
+                      steer.mode, steer.positions, steer.status]
+    shown_tokens = reported(show_tokens, len(token_outputs), token_outputs.index(selected))
+
+    def show_opened(last: dict | None, *args):
+        if not last:  # nothing was opened
+            return [gr.skip()] * len(token_outputs)
+        return shown_tokens(*args)
+
     for side, button in ((0, steer.inspect_unsteered), (1, steer.inspect_steered)):
-        button.click(open_story(side), [steer.last, ctx.model_state],
-                     [text, steering_choice, source, tabs, steer.codes, steer.strength,
-                      steer.mode, steer.positions], api_visibility="private").then(
-            show_tokens, token_inputs, token_outputs, api_visibility="private", preprocess=False)
+        button.click(reported(open_story(side), len(opened_outputs), len(opened_outputs) - 1),
+                     [steer.last, ctx.model_state], opened_outputs,
+                     api_visibility="private").then(
+            show_opened, [steer.last, *token_inputs], token_outputs, api_visibility="private",
+            preprocess=False)
 
     return TokensTab(text)
 
