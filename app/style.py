@@ -26,9 +26,14 @@ CSS = """
 .contexts mark { background: #fcd34d; color: #1f2937; padding: 0 2px; border-radius: 3px;
   font-weight: 600; }
 .hint { color: var(--body-text-color-subdued); font-size: 0.92em; }
-/* A topic switches on dozens of codes: their chips scroll in a few lines rather than pushing the
-   rest of the tab a screen down. */
-#steering-codes .wrap-inner { max-height: 7.6em; overflow-y: auto; }
+/* A topic switches on dozens of codes: their chips scroll rather than pushing the rest of the
+   tab a screen down. Compact chips and room for whole rows: a topic's 24 codes show at once on
+   a desktop (the box showed 7, its third row cut); up to MAX_CODES scroll. */
+#steering-codes .token { padding: 2px 6px !important; font-size: 0.85em; }
+#steering-codes .wrap-inner { max-height: 15.5em; overflow-y: auto; }
+/* Generate, Stop and Clear steering keep their words on one line (on a phone "Clear steering"
+   wrapped to two beside a one-line Generate). */
+.actions button { white-space: nowrap; }
 @media (max-width: 640px) {
   #intro h1 { font-size: 1.4em; }
   /* Five tabs at Gradio's padding are wider than a phone, and Gradio's overflow menu did not

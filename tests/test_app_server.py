@@ -775,6 +775,68 @@ def test_failed_actions_are_told_in_status_lines_with_no_error_badge_over_contro
             browser.close()
 
 
+# Each header cell's right edge against its table's: a cut header lies past the table's edge.
+HEADERS_PAST_EDGE = """() => [...document.querySelectorAll('.table-wrap')]
+  .filter(w => w.offsetParent).flatMap(w => [...w.querySelectorAll('thead th')].filter(th =>
+      th.getBoundingClientRect().right > w.getBoundingClientRect().right + 1)
+    .map(th => th.innerText))"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_the_layout_shows_a_topics_codes_whole_headers_a_short_model_tab_and_one_line_buttons(
+        app):
+    from playwright.sync_api import expect, sync_playwright
+
+    # 24 codes, as many as the default model's fire preset: three on each head.
+    codes = [f"{layer}:attn_heads:{head}:{code}" for layer in (0, 1) for head in range(4)
+             for code in (1, 2, 3)]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--no-sandbox"])
+        try:
+            for width, height in ((1280, 900), (390, 844)):
+                page = browser.new_page(viewport={"width": width, "height": height})
+                page.goto(app[0])
+                # Empty tables show every header whole, on every tab.
+                for tab in ("Steer", "Codes", "Token view"):
+                    page.get_by_role("tab", name=tab).click()
+                    expect(page.locator(".table-wrap:visible")).to_have_count(1)
+                    assert page.evaluate(HEADERS_PAST_EDGE) == [], (width, tab)
+                page.get_by_role("tab", name="Steer").click()
+                # Generate and Clear steering side by side, each on one line.
+                generate = page.get_by_role("button", name="Generate", exact=True)
+                clear = page.get_by_role("button", name="Clear steering")
+                one, other = generate.bounding_box(), clear.bounding_box()
+                assert abs(one["y"] - other["y"]) < 2 and abs(
+                    one["height"] - other["height"]) < 2, (width, one, other)
+                assert other["height"] < 50, (width, other)  # one line of text
+            # The code box shows all 24 chips at once on a desktop, none cut.
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app[0])
+            page.get_by_text("Share: the steering set as JSON").click()
+            page.locator("#steering-json textarea").fill(json.dumps({"codes": codes}))
+            page.get_by_role("button", name="Apply pasted JSON").click()
+            chips = page.locator("#steering-codes .token")
+            expect(chips).to_have_count(len(codes), timeout=30_000)
+            box = page.locator("#steering-codes .wrap-inner").bounding_box()
+            for i in range(len(codes)):
+                chip = chips.nth(i).bounding_box()
+                assert box["y"] <= chip["y"] and chip["y"] + chip["height"] <= (
+                    box["y"] + box["height"] + 1), (i, chip, box)
+            # The Model tab opens short: the model card is folded away until asked for.
+            page.get_by_role("tab", name="Model").click()
+            card = page.locator("#model-card")
+            expect(card).to_be_visible()
+            text = card.get_by_text("Tiny app model")  # the card's heading
+            expect(text).to_be_hidden()
+            assert page.evaluate("() => document.body.scrollHeight") < 2500
+            card.get_by_text("Model card").click()
+            expect(text).to_be_visible()
+        finally:
+            browser.close()
+
+
 @pytest.fixture(scope="module")
 def slow_app(model_dir, tmp_path_factory):
     with running_app(model_dir, tmp_path_factory.mktemp("hub-slow"), step_delay=0.15) as run:

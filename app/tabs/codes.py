@@ -106,7 +106,7 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
             table = gr.Dataframe(headers=SEARCH_HEADERS, interactive=False, wrap=True,
                                  datatype=["str"] + ["number"] * 5 + ["str"], max_height=360,
                                  label="Codes by F1 (click a header to sort, a row to open)",
-                                 column_widths=[170, 95, 75, 60, 60, 70, "auto"])
+                                 column_widths=["24%", "11%", "9%", "7%", "7%", "8%", "34%"])
     summary = gr.Markdown()
     steer_with = gr.Button("Steer with this code", variant="primary", visible=False)
     contexts = gr.HTML()

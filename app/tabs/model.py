@@ -59,6 +59,8 @@ def build(ctx: AppContext, start: LoadedModel) -> ModelTab:
     plots = [gr.Image(paths[name], label=caption, type="filepath", interactive=False,
                       visible=paths[name] is not None, buttons=["fullscreen", "download"])
              for name, caption in model_info.PLOTS.items()]
-    with gr.Accordion("Model card", open=True):
+    # Closed: a model card runs to thousands of pixels (the default model's made the tab 7,500 px
+    # tall), and the facts and plots above say what most visitors want to know.
+    with gr.Accordion("Model card", open=False, elem_id="model-card"):
         card = gr.Markdown(model_info.card(start))
     return ModelTab(name, load, status, facts, plots, card, size, paper)

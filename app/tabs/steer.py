@@ -317,11 +317,11 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                              visible=i < len(names), min_width=0, **chip_look(False))
                    for i in range(MAX_TOPIC_BUTTONS)]
     selected = gr.State([])
-    with gr.Row():
+    with gr.Row(elem_classes="actions"):
         generate = gr.Button("Generate", variant="primary", scale=3)
         # Shown in place of nothing while a generation streams (Generate is disabled then).
         stop = gr.Button("Stop", variant="stop", scale=1, min_width=90, visible=False)
-        clear = gr.Button("Clear steering", scale=1, min_width=120)
+        clear = gr.Button("Clear steering", scale=1, min_width=140)
     # Just under the buttons, so that what a click did is in view (on a phone the stories below
     # fill the screen).
     status = gr.Markdown("Pick a topic, then press **Generate**.", elem_classes="hint")
@@ -370,7 +370,7 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
             search_table = gr.Dataframe(headers=SEARCH_HEADERS, interactive=False, wrap=True,
                                         datatype=["str", "number", "number", "str"],
                                         max_height=360, label="Click a row to add its code",
-                                        column_widths=[170, 95, 75, "auto"])
+                                        column_widths=["30%", "14%", "12%", "44%"])
     with gr.Accordion("Sampling", open=False):
         with gr.Row():
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=inputs.MAX_SEED)
