@@ -7,8 +7,8 @@ protocol, as in :func:`codebook.analysis.steer_eval.sample`: pure sampling at ``
 top-k or
 top-p), or greedy at temperature 0; a continuation ends at the first end-of-story token.
 
-Every forward pass holds the model's lock, because steering is state on the model's codebook
-layers: concurrent requests take turns token by token instead of waiting for whole generations.
+Steering holds per call (``model.steer`` steers the calling thread's forward passes only), so
+concurrent requests run their forward passes side by side on one loaded model, without a lock.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def side_by_side(
         for side in sides:
             if side.done:
                 continue
-            with loaded.lock, model.steer(side.steering, prompt_length=len(prompt_ids)):
+            with model.steer(side.steering, prompt_length=len(prompt_ids)):
                 logits = model(input_ids=side.next_input, cache=side.cache,
                                use_cache=True).logits[0, -1]
             token = _next_token(logits, temperature, side.generator)

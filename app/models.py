@@ -145,21 +145,14 @@ def visitor_policy(settings: Settings) -> hub.Policy:
                       max_bytes=settings.max_model_mb * 2**20)
 
 
-# Serialises every forward pass in the process. Steering and code capture are state on a model's
-# codebook layers, so two requests must not run one model at once; one lock for all models keeps
-# it simple, and on a small CPU machine two concurrent passes would only slow each other down.
-FORWARD_LOCK = threading.Lock()
-
-
 class LoadedModel:
-    """A model ready to serve, with what the tabs read beside it; ``lock`` (the process-wide
-    :data:`FORWARD_LOCK`) must be held around every forward pass."""
+    """A model ready to serve, with what the tabs read beside it. Requests run it at the same
+    time: steering and code capture hold per call (see :meth:`CodebookModel.steer`)."""
 
     def __init__(self, name: str, model: CodebookModel, directory: Path):
         self.name = name  # what loads it again (a local directory's full path)
         self.model = model
         self.directory = directory
-        self.lock = FORWARD_LOCK
         self.tokenizer = model.tokenizer
         try:
             self.topics = load_topics(directory)

@@ -51,7 +51,7 @@ def token_codes(loaded: LoadedModel, token_ids: list[int], prompt_length: int,
                 steering: Steering | None) -> TokenCodes:
     model = loaded.model
     ids = torch.tensor([token_ids], device=model.device)
-    with loaded.lock, model.steer(steering, prompt_length=prompt_length), \
+    with model.steer(steering, prompt_length=prompt_length), \
             model.capture_codes() as captured:
         model(input_ids=ids, use_cache=False)
     surfaces = loaded.surfaces()

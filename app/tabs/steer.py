@@ -29,15 +29,18 @@ from app.inputs import InputError
 from app.models import LoadedModel
 from app.tabs import AppContext
 from codebook.analysis.topics import preset_steering
-from codebook.steering import CodeRef, Steering
+from codebook.steering import MODES, POSITIONS, CodeRef, Steering
 
 MAX_TOPIC_BUTTONS = 12
 # Streamed updates are sent at most this often: a small model writes faster than a browser
 # needs to repaint, and every update is a message to every watching client.
 STREAM_INTERVAL = 0.1
-MODES = [("add: displace the weakest of the k active codes", "add"),
-         ("replace: replace all k active codes", "replace")]
-POSITIONS = [("all tokens", "all"), ("prompt only", "prompt"), ("generated only", "generated")]
+# The radio buttons' (label, value) pairs: a label for each mode and position of the spec.
+_MODE_LABELS = {"add": "add: displace the weakest of the k active codes",
+                "replace": "replace: replace all k active codes"}
+_POSITION_LABELS = {"all": "all tokens", "prompt": "prompt only", "generated": "generated only"}
+MODE_CHOICES = [(_MODE_LABELS[mode], mode) for mode in MODES]
+POSITION_CHOICES = [(_POSITION_LABELS[where], where) for where in POSITIONS]
 SEARCH_HEADERS = ["code", "precision", "recall", "example contexts (hit in [brackets])"]
 DEFAULT_PROMPT = "Once upon a time,"
 EMPTY_STORY = "<div class='story-text empty'>Press Generate to write a story.</div>"
@@ -299,8 +302,8 @@ def synced_json(codes, strength, mode, positions):
     try:
         codes = inputs.code_list(codes)
         strength = inputs.strength(strength)
-        inputs.choice(mode, "mode", [value for _, value in MODES])
-        inputs.choice(positions, "positions", [value for _, value in POSITIONS])
+        inputs.choice(mode, "mode", MODES)
+        inputs.choice(positions, "positions", POSITIONS)
     except InputError:
         return gr.skip()
     return steering_json(codes, strength, mode, positions)
@@ -353,8 +356,8 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                                  info=f"Multiplies the switched-on codes' vectors, from "
                                       f"{low:g} to {high:g}: higher steers harder, too high "
                                       "garbles the text; negative steers away")
-            mode = gr.Radio(MODES, value="add", label="Mode")
-            positions = gr.Radio(POSITIONS, value="all", label="Steer at")
+            mode = gr.Radio(MODE_CHOICES, value="add", label="Mode")
+            positions = gr.Radio(POSITION_CHOICES, value="all", label="Steer at")
             with gr.Accordion("Share: the steering set as JSON", open=False):
                 json_box = gr.Textbox(steering_json([], 1.0, "add", "all"), show_label=False,
                                       lines=3, buttons=["copy"], elem_id="steering-json",
@@ -446,7 +449,7 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         steering = inputs.steering(loaded, codes_now, strength_now, mode_now, positions_now)
         temperature_value = inputs.temperature(temperature_now)
         used_seed = inputs.seed(seed_now, random_now)
-        # Marking runs between forward passes, never while holding the model's lock.
+        # Marking runs between forward passes.
         marker = highlight.Highlighter(inputs.text(highlight_now, "highlight"))
         pair = ([], [])
         sent = 0.0
