@@ -19,11 +19,12 @@ import torch
 from cbexport import manifest as mf
 from cbexport.card import model_card, source_metadata
 from cbexport.decoder import decoder_shape
-from cbexport.steer import steering_arrays, topic_spec
+from cbexport.steer import topic_spec
 from codebook import hub
-from codebook.analysis.topics import topics_path
+from codebook.analysis.topics import load_topics, topics_path
 from codebook.configuration import CONFIG_NAME
 from codebook.modeling import CodebookModel
+from codebook.steering_spec import steering_arrays
 
 
 class ExportError(Exception):
@@ -234,20 +235,17 @@ def _topics(directory: Path | None, sites: list[dict]) -> dict:
     """The model's topic presets (one's own copy first, as the app reads them), checked against
     its codebooks (a preset naming a code the model does not have is an error now rather than
     when someone steers with it)."""
-    path = None if directory is None else topics_path(directory)
-    if path is None or not path.is_file():
+    if directory is None:
         return {}
     try:
-        topics = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(topics, dict):
-        raise ExportError(f"{path} must map topic names to presets")
+        topics = load_topics(directory)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     for name in topics:
         try:
             steering_arrays(sites, topic_spec(topics, name))
         except ValueError as err:
-            raise ExportError(f"{path}: topic {name!r}: {err}") from None
+            raise ExportError(f"{topics_path(directory)}: topic {name!r}: {err}") from None
     return topics
 
 

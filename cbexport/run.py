@@ -13,7 +13,7 @@ import sys
 
 from cbexport.manifest import BundleError
 from cbexport.runtime import PROVIDERS, CodebookRuntime
-from cbexport.steer import MODES, POSITIONS
+from codebook.steering_spec import MODES, POSITIONS
 
 
 def main(argv: list[str] | None = None) -> int:

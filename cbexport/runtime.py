@@ -23,7 +23,8 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from cbexport import manifest as mf
-from cbexport.steer import Steering, steering_arrays, topic_spec
+from cbexport.steer import topic_spec
+from codebook.steering_spec import Steering, steering_arrays
 
 PROVIDERS = ("auto", "cpu", "cuda")
 # onnxruntime's own default logging level (warnings), restored after probing for CUDA.

@@ -2,7 +2,8 @@
 ``bias`` and ``scale`` inputs of the exported decoder.
 
 What a steering is, and its per-site arrays, is :mod:`codebook.steering_spec` (torch-free: eager
-models build their torch tensors from the same arrays); its names are re-exported here. Codes are
+models build their torch tensors from the same arrays); this module adds only what bundles need
+on top: a steering from a bundle's topic presets. Codes are
 written ``LAYER:SITE:HEAD:CODE`` (also ``L3.attn_heads.H2.C117``), comma-separated, or as a JSON
 list of ``{"layer", "site", "head", "code"}`` objects.
 
@@ -12,18 +13,7 @@ decode steps (``"generated"``), or both (``"all"``).
 
 from __future__ import annotations
 
-from codebook.steering_spec import (
-    MODES,
-    POSITIONS,
-    CodeRef,
-    Steering,
-    parse_codes,
-    preset_steering,
-    steering_arrays,
-)
-
-__all__ = ["MODES", "POSITIONS", "CodeRef", "Steering", "parse_codes", "steering_arrays",
-           "topic_spec"]
+from codebook.steering_spec import Steering, preset_steering
 
 
 def topic_spec(topics: dict, name: str, **overrides) -> Steering:

@@ -36,12 +36,13 @@ from transformers import DynamicCache
 from cbexport import manifest as mf
 from cbexport.decoder import eager_attention
 from cbexport.runtime import CodebookRuntime
-from cbexport.steer import Steering, steering_arrays, topic_spec
+from cbexport.steer import topic_spec
 from cbexport.torchscript_export import load_torchscript
 from codebook.configuration import SITES
 from codebook.layer import current_runs
 from codebook.modeling import CodebookModel
 from codebook.ops import SIMILARITIES
+from codebook.steering_spec import Steering, steering_arrays
 
 TOLERANCE = 1e-4
 TIE_TOLERANCE = 1e-5

@@ -25,10 +25,10 @@ from cbexport import run as run_cli
 from cbexport.bundle import ExportError, export_bundle
 from cbexport.decoder import eager_attention
 from cbexport.runtime import CodebookRuntime, make_session
-from cbexport.steer import steering_arrays
 from cbexport.torchscript_export import load_torchscript
 from cbexport.verify import torch_generate
 from codebook import CodebookModel, Steering, attach_codebooks
+from codebook.steering_spec import steering_arrays
 from tests.tiny_models import VOCAB, tiny_base
 
 REPO = Path(__file__).resolve().parents[1]

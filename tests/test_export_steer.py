@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbexport.steer import Steering, parse_codes, steering_arrays, topic_spec
+from cbexport.steer import topic_spec
 from codebook import CodebookLayer
 from codebook.steering import layer_steerings, site_shapes
+from codebook.steering_spec import Steering, parse_codes, steering_arrays
 
 LAYERS = {
     (0, "attn_heads"): CodebookLayer(groups=4, dim=8, num_codes=16, k=3),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from codebook.text import deduplicate, source_documents, split_text
+from codebook.text import deduplicate, separator_id, source_documents, split_text
 
 HUB_PREFIX = "hf:"
 
@@ -214,19 +214,9 @@ def split_validation(
     return train, val
 
 
-def document_separator(tokenizer) -> int:
-    """The token placed before every document: BOS, or EOS for tokenizers without a BOS."""
-    token_id = tokenizer.bos_token_id
-    if token_id is None:
-        token_id = tokenizer.eos_token_id
-    if token_id is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to separate documents")
-    return token_id
-
-
 def tokenize(documents: list[str], tokenizer) -> TokenStream:
     """Tokenise ``documents`` (no special tokens added by the tokenizer) into one stream."""
-    separator = document_separator(tokenizer)
+    separator = separator_id(tokenizer)
     encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
     stream = []
     for ids in encoded:

@@ -58,9 +58,11 @@ LAST_LAYERS = (1, 2, None)
 NUM_CODES = (6, 12, 24)
 STRENGTHS = (1.5, 2.0, 2.5, 3.0, 4.0)
 PER_HEAD = 4
-# Below the target of 1.3 for the noise of a small sample: on the default model a setting at
-# 1.24 on the calibration seed measured 1.33 on another.
-MAX_FLUENCY = 1.2
+# Below the target of 1.3 for the noise of the evaluation's 40 samples. With one round of 20
+# samples a limit of 1.2 was needed (a setting at 1.24 on the calibration seed measured 1.33 on
+# another); over both rounds' 40 samples, 1.25: at 1.2 the default model's "fire" and "baby"
+# kept settings that steered 57.5% and 62.5%.
+MAX_FLUENCY = 1.25
 # A finalist may exceed max_fluency by this much in the first round: a setting measured at 1.24
 # there may well be within 1.2, and the second round decides.
 FINALIST_SLACK = 0.05

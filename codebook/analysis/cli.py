@@ -627,7 +627,7 @@ def _add_presets(subparsers) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES,
                         help="steering modes to try (default: add replace)")
     parser.add_argument("--max-fluency", type=float, help="largest steered/unsteered loss "
-                        "ratio a calibrated setting may have (default: 1.2)")
+                        "ratio a calibrated setting may have (default: 1.25)")
     parser.add_argument("--min-distinct", type=float, help="smallest steered distinct-2 a "
                         "calibrated setting may have, as a fraction of the unsteered (default: "
                         "0.9)")
