@@ -24,8 +24,27 @@ DEFAULT_K = 8
 SITES = ("attn_heads", "attn_out", "mlp_out", "block_out")
 
 
-@dataclasses.dataclass
-class CodebookConfig:
+@dataclasses.dataclass(kw_only=True)
+class CodebookOptions:
+    """The codebook choices that a training recipe names too (``training.config.FinetuneConfig``
+    has these fields, with these defaults, and makes its model's :class:`CodebookConfig` of
+    them); see :class:`CodebookConfig` for their meaning."""
+
+    sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads"])
+    layers: list[int] | None = None
+    num_codes: int = DEFAULT_NUM_CODES
+    k: int = DEFAULT_K
+    similarity: str = DEFAULT_SIMILARITY
+    combine: str = DEFAULT_COMBINE
+    layer_norm: bool = False
+    reconstruction_weight: float = 1.0
+
+    def codebook_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(CodebookOptions)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class CodebookConfig(CodebookOptions):
     """Codebook hyper-parameters, saved as ``codebook_config.json`` beside the base model.
 
     ``layers`` lists the transformer layers that get codebooks (``None``: every layer).
@@ -37,14 +56,6 @@ class CodebookConfig:
     a site's values. It is saved only when not empty.
     """
 
-    sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads"])
-    layers: list[int] | None = None
-    num_codes: int = DEFAULT_NUM_CODES
-    k: int = DEFAULT_K
-    similarity: str = DEFAULT_SIMILARITY
-    combine: str = DEFAULT_COMBINE
-    layer_norm: bool = False
-    reconstruction_weight: float = 1.0
     chunk_size: int = 0
     per_site: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 

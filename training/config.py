@@ -11,9 +11,7 @@ import json
 import shlex
 from pathlib import Path
 
-from codebook import CodebookConfig
-from codebook.configuration import DEFAULT_K, DEFAULT_NUM_CODES
-from codebook.ops import DEFAULT_COMBINE, DEFAULT_SIMILARITY
+from codebook.configuration import CodebookConfig, CodebookOptions
 from codebook.text import FORMATS
 
 CONFIG_NAME = "training_config.json"
@@ -27,11 +25,13 @@ RUNTIME_FIELDS = ("resume", "threads", "progress", "push_to_hub", "device", "log
                   "card_notes", "license")
 
 
-@dataclasses.dataclass
-class FinetuneConfig:
+@dataclasses.dataclass(kw_only=True)
+class FinetuneConfig(CodebookOptions):
     """Everything a finetuning run depends on. Each field is the ``python -m training finetune``
     option of the same name (``--block-size`` is ``block_size``), described by that command's
-    ``--help`` (:func:`training.__main__.add_finetune_options`)."""
+    ``--help`` (:func:`training.__main__.add_finetune_options`). The codebook fields (``sites``,
+    ``num_codes``, ``k``, ...) and their defaults are
+    :class:`codebook.configuration.CodebookOptions`'s."""
 
     # base and data
     base: str
@@ -43,16 +43,8 @@ class FinetuneConfig:
     text_column: str = "text"
     block_size: int = 256
 
-    # codebooks
+    # codebooks (besides CodebookOptions' fields)
     codebooks: bool = True
-    sites: list[str] = dataclasses.field(default_factory=lambda: ["attn_heads"])
-    layers: list[int] | None = None
-    num_codes: int = DEFAULT_NUM_CODES
-    k: int = DEFAULT_K
-    similarity: str = DEFAULT_SIMILARITY
-    combine: str = DEFAULT_COMBINE
-    layer_norm: bool = False
-    reconstruction_weight: float = 1.0
     kmeans_init: bool = True
     kmeans_tokens: int = 16384
     kmeans_iters: int = 15
@@ -134,11 +126,7 @@ class FinetuneConfig:
             self.codebook_config()  # validates sites, k, similarity, combine
 
     def codebook_config(self) -> CodebookConfig:
-        return CodebookConfig(
-            sites=self.sites, layers=self.layers, num_codes=self.num_codes, k=self.k,
-            similarity=self.similarity, combine=self.combine, layer_norm=self.layer_norm,
-            reconstruction_weight=self.reconstruction_weight,
-        )
+        return CodebookConfig(**self.codebook_options())
 
     @property
     def checkpoint_path(self) -> Path:
