@@ -14,6 +14,7 @@ import torch
 
 from app.models import LoadedModel
 from codebook.steering import Steering
+from codebook.steering_spec import steers
 
 
 @dataclasses.dataclass
@@ -42,8 +43,7 @@ class TokenCodes:
         return rows
 
     def _steered(self, position: int) -> bool:
-        positions = self.steering.positions
-        return positions == "all" or (positions == "prompt") == (position < self.prompt_length)
+        return steers(self.steering.positions, in_prompt=position < self.prompt_length)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from cbexport import manifest as mf
 from cbexport.steer import topic_spec
-from codebook.steering_spec import Steering, steering_arrays
+from codebook.steering_spec import Steering, steering_arrays, steers
 
 PROVIDERS = ("auto", "cpu", "cuda")
 # onnxruntime's own default logging level (warnings), restored after probing for CUDA.
@@ -159,8 +159,8 @@ class CodebookRuntime:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         rng = np.random.default_rng(seed)
         arrays = steering_arrays(self.sites, steering) if steering else None
-        prompt_steer = arrays if steering and steering.positions in ("all", "prompt") else None
-        decode_steer = arrays if steering and steering.positions in ("all", "generated") else None
+        prompt_steer = arrays if steering and steers(steering.positions, in_prompt=True) else None
+        decode_steer = arrays if steering and steers(steering.positions, in_prompt=False) else None
 
         batch, width = len(prompts), max(len(p) for p in prompts)
         ids = np.full((batch, width), self.pad_id, np.int64)

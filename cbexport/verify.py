@@ -42,7 +42,7 @@ from codebook.configuration import SITES
 from codebook.layer import current_runs
 from codebook.modeling import CodebookModel
 from codebook.ops import SIMILARITIES
-from codebook.steering_spec import Steering, steering_arrays
+from codebook.steering_spec import Steering, steering_arrays, steers
 
 TOLERANCE = 1e-4
 TIE_TOLERANCE = 1e-5
@@ -226,8 +226,7 @@ def _run_both(eager, exported, ids, mask, tokens: np.ndarray, spec: Steering | N
             ids = tokens[:, step - 1:step]
             mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1
-        phase = ("all", "generated") if step else ("all", "prompt")
-        steer = all_positions if spec and spec.positions in phase else None
+        steer = all_positions if spec and steers(spec.positions, in_prompt=not step) else None
         r, caches[0] = eager(ids, mask, positions, caches[0], steer)
         g, caches[1] = exported(ids, mask, positions, caches[1], steer)
         r.real = mask[:, -ids.shape[1]:].astype(bool)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codebook.ops import DEFAULT_COMBINE, DEFAULT_SIMILARITY, topk_codebook
+from codebook.steering_spec import steers
 
 
 @dataclasses.dataclass
@@ -210,7 +211,7 @@ class CodebookLayer(nn.Module):
                 "positions; steer through CodebookModel.generate or CodebookModel.steer"
             )
         in_prompt = tokens.current[-seq_len:] < tokens.prompt_length
-        mask = in_prompt if steering.positions == "prompt" else ~in_prompt
+        mask = in_prompt if steers(steering.positions, in_prompt=True) else ~in_prompt
         return None if bool(mask.all()) else mask
 
     @torch.no_grad()

@@ -31,6 +31,7 @@ import numpy as np
 
 MODES = ("add", "replace")
 POSITIONS = ("all", "prompt", "generated")
+
 # The keys of a topic preset that say how to steer (the fields of Steering); a preset's other keys
 # (its regex, statistics, a description) are not steering.
 PRESET_KEYS = ("codes", "strength", "mode", "positions", "block")
@@ -39,6 +40,12 @@ _SPEC = re.compile(
     r"^\s*(?:L|layer)?(\d+)\s*[:./]\s*([a-z_]+)\s*[:./]\s*(?:H|head)?(\d+)\s*[:./]\s*(?:C|code)?(\d+)\s*$",
     re.IGNORECASE,
 )
+
+
+def steers(positions: str, in_prompt: bool) -> bool:
+    """Whether a steering with ``positions`` (one of :data:`POSITIONS`) applies to a token of
+    the prompt (``in_prompt``) or to a generated one."""
+    return positions == "all" or (positions == "prompt") == in_prompt
 
 
 @dataclasses.dataclass(frozen=True, order=True)

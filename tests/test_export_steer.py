@@ -119,3 +119,10 @@ def test_the_spec_and_the_runtimes_steering_import_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).parents[1])
     assert result.stdout.split() == ["['codebook',", "'codebook.steering_spec']"]
+
+
+def test_which_tokens_each_positions_value_steers():
+    from codebook.steering_spec import POSITIONS, steers
+
+    assert {p: (steers(p, in_prompt=True), steers(p, in_prompt=False)) for p in POSITIONS} == {
+        "all": (True, True), "prompt": (True, False), "generated": (False, True)}
