@@ -298,17 +298,34 @@ class CodebookModel(nn.Module):
         self.codebooks.load_state_dict(tensors)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload codebook model") -> str:
-        """Save to a temporary directory and upload it as a model repo; returns the commit URL."""
+                    commit_message: str = "Upload codebook model", card: str | None = None) -> str:
+        """Save to a temporary directory and upload it as a model repo; returns the commit URL.
+        The repo's ``README.md`` is ``card`` if given, else a short card of what the model is
+        (its Hub base as ``base_model``); training runs upload their own, fuller card."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
+            (Path(tmp) / hub.CARD_NAME).write_text(card if card is not None
+                                                   else self._model_card(repo_id))
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model",
                                      commit_message=commit_message)
         return str(info)
+
+    def _model_card(self, repo_id: str) -> str:
+        c = self.codebook_config
+        base = hub.hub_repo_id(getattr(self.base.config, "_name_or_path", "") or "")
+        text = (
+            f"# {repo_id}\n\nA codebook model ([Codebook Features](https://arxiv.org/abs/2310.17230)"
+            f"): {'the Hub model ' + base if base else 'a ' + self.architecture.name + ' base'} "
+            f"with {c.num_codes} codes per codebook, k={c.k}, at {', '.join(c.sites)} "
+            f"({len(self.codebook_layers())} codebook layers).\n\n```python\n"
+            "from codebook import CodebookModel\n\n"
+            f"model = CodebookModel.from_pretrained(\"{repo_id}\")\n```\n")
+        return hub.model_card(text, base_model=base, pipeline_tag="text-generation",
+                              tags=["codebook-features", "interpretability"])
 
 
 def _as_steering(steering: Steering | dict | None) -> Steering | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 
 from tests.test_model import tiny_model
 
@@ -75,7 +75,7 @@ def test_from_pretrained_reads_the_offline_hub_cache(tmp_path):
 
 
 def test_push_to_hub_uploads_a_complete_model_directory(monkeypatch):
-    calls = []
+    calls, cards = [], []
 
     def create_repo(self, repo_id, **kwargs):
         calls.append(("create_repo", repo_id, kwargs))
@@ -83,6 +83,7 @@ def test_push_to_hub_uploads_a_complete_model_directory(monkeypatch):
     def upload_folder(self, repo_id, folder_path, **kwargs):
         files = sorted(p.name for p in Path(folder_path).iterdir())
         calls.append(("upload_folder", repo_id, files, kwargs))
+        cards.append(ModelCard.load(Path(folder_path) / "README.md"))
         return f"https://huggingface.co/{repo_id}/commit/{'c' * 40}"
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -94,7 +95,18 @@ def test_push_to_hub_uploads_a_complete_model_directory(monkeypatch):
     _, repo_id, files, kwargs = calls[1]
     assert repo_id == "me/tiny" and kwargs["repo_type"] == "model"
     assert {"config.json", "model.safetensors", "codebook_config.json",
-            "codebooks.safetensors"} <= set(files)
+            "codebooks.safetensors", "README.md"} <= set(files)
+    # A card that says what the model is; the tiny base is local, so no base_model.
+    card = cards[0]
+    assert card.data.tags == ["codebook-features", "interpretability"]
+    assert card.data.base_model is None and "a Llama base" in card.text
+    assert 'CodebookModel.from_pretrained("me/tiny")' in card.text
+    model = tiny_model("llama", sites=["attn_heads"])
+    model.base.config._name_or_path = "someone/tiny-llama"
+    model.push_to_hub("me/tiny")
+    assert cards[1].data.base_model == "someone/tiny-llama"
+    model.push_to_hub("me/tiny", card="# mine\n")
+    assert cards[2].text.strip() == "# mine"
 
 
 # -- the app's download bound -------------------------------------------------------------------
