@@ -38,6 +38,7 @@ class _Analysis:
         self.lock = threading.Lock()
         self.index: CodeIndex | None = None
         self.texts: list[str] | None = None  # each indexed document's text
+        self.labels: dict[str, str] = {}  # code (LAYER:SITE:HEAD:CODE) → its label
 
 
 _analyses: weakref.WeakKeyDictionary[LoadedModel, _Analysis] = weakref.WeakKeyDictionary()
@@ -171,3 +172,71 @@ def code_details(loaded: LoadedModel, ref: CodeRef, contexts: int = 12,
     if has_index(loaded):
         details.update(code_summary(index(loaded), ref, loaded.surfaces(), contexts, 10))
     return details
+
+
+LABEL_TOKENS = 2  # promoted tokens in a code's label
+
+
+def _label_word(surface: str) -> str:
+    word = surface.strip()
+    if word:
+        return word
+    return "↵" if "\n" in surface else "␣"
+
+
+def code_labels(loaded: LoadedModel, codes) -> dict[str, str]:
+    """A short label for each of ``codes`` (``CodeRef`` or text): the tokens it promotes most
+    (its direct effect on the next token, :mod:`codebook.analysis.promote`), e.g. ``dragon,
+    fire``; ``""`` for a code that does not exist or a model whose final norm is unknown.
+    Computed once per code and model (one matrix product for all the codes not seen yet)."""
+    import torch
+
+    from codebook.analysis.promote import residual_vector
+    from codebook.architectures import get_module
+
+    refs = {}
+    for code in codes:
+        try:
+            ref = code if isinstance(code, CodeRef) else CodeRef.parse(str(code))
+        except ValueError:
+            continue
+        refs[str(ref)] = ref
+    state = _analysis(loaded)
+    with state.lock:
+        missing = [name for name in refs if name not in state.labels]
+    if missing:
+        model = loaded.model
+        vectors, names, labels = [], [], {}
+        with torch.no_grad():
+            for name in missing:
+                try:
+                    vectors.append(residual_vector(model, refs[name]))
+                    names.append(name)
+                except ValueError:
+                    labels[name] = ""
+            try:
+                norm = get_module(model.base, model.architecture.final_norm)
+            except (AttributeError, ValueError):
+                norm, vectors, names = None, [], []
+                labels.update(dict.fromkeys(missing, ""))
+            if vectors:
+                residual = torch.stack(vectors)
+                if getattr(norm, "weight", None) is not None:
+                    residual = residual * norm.weight.float()
+                unembedding = model.base.get_output_embeddings().weight
+                logits = residual.to(unembedding.dtype) @ unembedding.T  # [codes, vocab]
+                top = logits.float().topk(min(LABEL_TOKENS, logits.shape[-1]), dim=-1).indices
+                surfaces = loaded.surfaces()
+                for name, ids in zip(names, top.tolist(), strict=True):
+                    labels[name] = ", ".join(_label_word(surfaces[i]) if i < len(surfaces)
+                                             else str(i) for i in ids)
+        with state.lock:
+            state.labels.update(labels)
+    with state.lock:
+        return {name: state.labels.get(name, "") for name in refs}
+
+
+def labelled(code: str, labels: dict[str, str]) -> str:
+    """``code`` with its label beside it: ``0:attn_heads:2:17 · dragon, fire``."""
+    label = labels.get(code, "")
+    return f"{code} · {label}" if label else code

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.analysis import code_labels
 from app.errors import endpoint
 from app.exporting import ExportCache
 from app.models import LoadedModel, ModelRegistry
@@ -50,13 +51,16 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
             with gr.Tab("Model", id="model"):
                 model_tab = model.build(ctx, start)
 
-        def steer_with(code: str | None, codes_now: list[str] | None):
+        def steer_with(code: str | None, codes_now: list[str] | None, model_now: str):
             if not code:
                 return gr.skip(), gr.skip(), gr.skip()
+            label = code_labels(ctx.model(model_now), [code]).get(code, "")
+            label = f" ({label})" if label else ""
             return (steer.chips(steer.with_code(codes_now, code)), gr.Tabs(selected="steer"),
-                    f"Added code `{code}` to the steering set. Press **Generate**.")
+                    f"Added code `{code}`{label} to the steering set. Press **Generate**.")
 
-        codes_tab.steer_with.click(steer_with, [codes_tab.current, steer_tab.codes],
+        codes_tab.steer_with.click(steer_with,
+                                   [codes_tab.current, steer_tab.codes, model_state],
                                    [steer_tab.codes, tabs, steer_tab.status],
                                    api_visibility="private")
 
@@ -82,12 +86,12 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
         texts_out = [model_state, model_tab.status, header, model_tab.facts, model_tab.card,
                      steer_tab.hint, steer_tab.codes, steer_tab.search_summary,
                      codes_tab.index_note]
+        model_outputs = [*texts_out, *model_tab.plots, *steer_tab.topic_buttons,
+                         steer_tab.selected, codes_tab.site, codes_tab.head, codes_tab.code]
         endpoint([model_tab.load.click, model_tab.name.submit], load_model, [model_tab.name],
                  texts_out, status=model_tab.status, api_name="load_model",
                  concurrency_limit=1, concurrency_id="load", preprocess=False,
-                 browser=load_and_show,
-                 browser_outputs=[*texts_out, *model_tab.plots, *steer_tab.topic_buttons,
-                                  steer_tab.selected, codes_tab.site, codes_tab.head,
-                                  codes_tab.code],
+                 browser=load_and_show, browser_outputs=model_outputs,
                  show_progress_on=[model_tab.status])
+
     return demo

@@ -290,15 +290,17 @@ def test_topic_presets_and_searches_return_codes(client, dragon):
     table, summary, highlight = client.predict("dragon", api_name="/search_topics")
     assert "15 of 45 indexed stories" in summary and highlight == "dragon"
     rows = table["data"]
-    assert rows and all(0 <= row[1] <= 1 and 0 <= row[2] <= 1 for row in rows)
+    assert rows and all(0 <= row[2] <= 1 and 0 <= row[3] <= 1 for row in rows)
     assert {row[0] for row in rows} >= set(dragon)  # the preset came from this search
+    assert all(row[1] for row in rows)  # each code's label: the tokens it promotes
 
     table, summary = client.predict(r"\bdragon\b", api_name="/search_codes")
     assert "marks 15 of" in summary
     rows = table["data"]
-    f1 = [row[3] for row in rows]
+    f1 = [row[4] for row in rows]
     assert rows and f1 == sorted(f1, reverse=True)
-    assert all(row[4] <= row[5] for row in rows)  # hits on targets <= all activations
+    assert all(row[5] <= row[6] for row in rows)  # hits on targets <= all activations
+    assert all(row[1] for row in rows)
 
     layer, site, head, code = dragon[0].split(":")
     summary, contexts = client.predict(f"{layer}:{site}", int(head), int(code), api_name="/code")
@@ -833,6 +835,51 @@ def test_the_layout_shows_a_topics_codes_whole_headers_a_short_model_tab_and_one
             assert page.evaluate("() => document.body.scrollHeight") < 2500
             card.get_by_text("Model card").click()
             expect(text).to_be_visible()
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_codes_show_their_labels_in_chips_tables_and_the_token_view(app, dragon):
+    from playwright.sync_api import expect, sync_playwright
+
+    labelled = re.compile(r"\d+:attn_heads:\d+:\d+ · \S")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app[0])
+            page.get_by_role("button", name="dragon", exact=True).click()
+            chips = page.locator("#steering-codes .token")
+            expect(chips).to_have_count(len(dragon), timeout=30_000)
+            for i in range(len(dragon)):  # every chip: its code, then what it promotes
+                expect(chips.nth(i)).to_contain_text(labelled, timeout=10_000)
+                assert dragon[i] in chips.nth(i).inner_text()
+            # The search table has a label beside each code.
+            page.get_by_label("A word or regex").fill("dragon")
+            page.get_by_role("button", name="Search", exact=True).click()
+            table = page.locator(".table-wrap:visible")
+            cells = table.get_by_role("row").nth(1).get_by_role("gridcell")
+            expect(cells.first).to_contain_text(re.compile(r"\d+:attn_heads:"), timeout=30_000)
+            header = table.locator("thead th").all_inner_texts()
+            assert [h.strip() for h in header[:2]] == ["code", "promotes"], header
+            assert cells.nth(1).inner_text().strip()
+            # The token view: each code number with its label.
+            page.get_by_text("Sampling", exact=True).click()
+            page.get_by_label("New random seed each time").uncheck()
+            page.get_by_role("button", name="Generate", exact=True).click()
+            expect(page.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
+            page.get_by_role("button", name="Codes of this story →").nth(1).click()
+            expect(page.get_by_text(re.compile(r"^\d+ tokens\. Click one"))
+                   ).to_be_visible(timeout=30_000)
+            page.locator("[data-testid='highlighted-text'] .token").nth(3).click()
+            cells = page.locator(".table-wrap:visible").get_by_role("row").nth(1).get_by_role(
+                "gridcell")
+            expect(cells.first).to_be_visible(timeout=30_000)
+            codes_cell = cells.nth(3).inner_text()
+            assert re.search(r"\d+ \(\S[^)]*\)", codes_cell), codes_cell
         finally:
             browser.close()
 

@@ -741,3 +741,29 @@ def test_generation_has_a_stop_button_that_stops_it_from_inside(demo):
     note = steer.stopped_note({"tokens": [12, 9], "seed": 5, "done": False})
     assert note.startswith("**Stopped**") and "12 and 9 new tokens" in note and "Seed 5" in note
     assert steer.stopped_note(None).startswith("**Stopped**")
+
+
+# -- codes with labels -----------------------------------------------------------------------
+
+def test_a_codes_label_is_the_tokens_it_promotes_computed_once_per_model(loaded):
+    from app import analysis
+    from codebook.analysis.promote import promoted_tokens
+
+    codes = ["0:attn_heads:0:1", "1:attn_heads:3:30", "0:attn_heads:2:17"]
+    started = time.perf_counter()
+    labels = analysis.code_labels(loaded, codes + ["9:attn_heads:0:1", "nonsense"])
+    first = time.perf_counter() - started
+    assert set(labels) == {*codes, "9:attn_heads:0:1"}  # what cannot be parsed is left out
+    assert labels["9:attn_heads:0:1"] == ""  # no such codebook: no label
+    for code in codes:
+        top = promoted_tokens(loaded.model, CodeRef.parse(code), analysis.LABEL_TOKENS,
+                              loaded.surfaces())
+        assert labels[code] == ", ".join(t["token"].strip() for t in top)
+    assert analysis.labelled(codes[0], labels) == f"{codes[0]} · {labels[codes[0]]}"
+    assert analysis.labelled("0:attn_heads:0:5", {}) == "0:attn_heads:0:5"
+    # Cached per model: asking again computes nothing.
+    started = time.perf_counter()
+    assert analysis.code_labels(loaded, codes) == {c: labels[c] for c in codes}
+    assert time.perf_counter() - started < max(first, 0.01)
+    assert set(analysis._analysis(loaded).labels) >= set(codes)
+

@@ -11,14 +11,14 @@ import gradio as gr
 import pandas as pd
 
 from app import inputs
-from app.analysis import code_details, code_search, has_index, index_summary
+from app.analysis import code_details, code_labels, code_search, has_index, index_summary
 from app.errors import endpoint, reported
 from app.gpu import gpu
 from app.models import LoadedModel
 from app.tabs import AppContext
 from codebook.steering import CodeRef
 
-SEARCH_HEADERS = ["code", "precision", "recall", "F1", "hits", "count",
+SEARCH_HEADERS = ["code", "promotes", "precision", "recall", "F1", "hits", "count",
                   "example contexts (hit in [brackets])"]
 
 
@@ -63,8 +63,8 @@ def contexts_html(contexts: list[dict] | None) -> str:
             f"token it fired on highlighted</p><ol class='contexts'>{items}</ol>")
 
 
-def summary_markdown(details: dict) -> str:
-    lines = [f"### Code `{details['code']}`"]
+def summary_markdown(details: dict, label: str = "") -> str:
+    lines = [f"### Code `{details['code']}`" + (f" · {label}" if label else "")]
     if details["count"] is not None:
         lines.append(f"Fires on **{details['count']:,}** of {details['indexed_tokens']:,} indexed "
                      f"tokens ({100 * details['frequency']:.3f}%), in {details['documents']:,} of "
@@ -104,9 +104,9 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
                 search = gr.Button("Search", scale=1, min_width=90)
             search_summary = gr.Markdown(elem_classes="hint")
             table = gr.Dataframe(headers=SEARCH_HEADERS, interactive=False, wrap=True,
-                                 datatype=["str"] + ["number"] * 5 + ["str"], max_height=360,
+                                 datatype=["str", "str"] + ["number"] * 5 + ["str"], max_height=360,
                                  label="Codes by F1 (click a header to sort, a row to open)",
-                                 column_widths=["24%", "11%", "9%", "7%", "7%", "8%", "34%"])
+                                 column_widths=["21%", "13%", "10%", "8%", "6%", "6%", "7%", "29%"])
     summary = gr.Markdown()
     steer_with = gr.Button("Steer with this code", variant="primary", visible=False)
     contexts = gr.HTML()
@@ -122,7 +122,8 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
         ref = CodeRef(int(layer), site_name, inputs.integer(head_now, "head", 0, 10**6),
                       inputs.integer(code_now, "code", 0, 10**9))
         details = code_details(loaded, ref)
-        return (summary_markdown(details), contexts_html(details["contexts"]),
+        label = code_labels(loaded, [ref]).get(str(ref), "")
+        return (summary_markdown(details, label), contexts_html(details["contexts"]),
                 gr.update(visible=True), str(ref))
 
     code_outputs = [summary, contexts, steer_with, current]
@@ -132,9 +133,10 @@ def build(ctx: AppContext, start: LoadedModel) -> CodesTab:
     def search_codes(pattern: str, model_name: str):
         loaded = ctx.model(model_name)
         rows, note = code_search(loaded, inputs.regex(pattern))
-        frame = pd.DataFrame([[r["name"], round(r["precision"], 3), round(r["recall"], 3),
-                               round(r["score"], 3), r["hits"], r["count"], r["example"]]
-                              for r in rows], columns=SEARCH_HEADERS)
+        labels = code_labels(loaded, [r["name"] for r in rows])
+        frame = pd.DataFrame([[r["name"], labels.get(r["name"], ""), round(r["precision"], 3),
+                               round(r["recall"], 3), round(r["score"], 3), r["hits"],
+                               r["count"], r["example"]] for r in rows], columns=SEARCH_HEADERS)
         return frame, note + ". Click a row to open the code."
 
     endpoint([search.click, regex.submit], search_codes, [regex, ctx.model_state],

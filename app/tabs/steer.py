@@ -21,7 +21,7 @@ import gradio as gr
 import pandas as pd
 
 from app import highlight, inputs
-from app.analysis import has_index, index_summary, topic_search
+from app.analysis import code_labels, has_index, index_summary, labelled, topic_search
 from app.errors import endpoint, reported, shown, warn
 from app.generation import continuation_text, side_by_side
 from app.gpu import gpu
@@ -41,7 +41,8 @@ _MODE_LABELS = {"add": "add: displace the weakest of the k active codes",
 _POSITION_LABELS = {"all": "all tokens", "prompt": "prompt only", "generated": "generated only"}
 MODE_CHOICES = [(_MODE_LABELS[mode], mode) for mode in MODES]
 POSITION_CHOICES = [(_POSITION_LABELS[where], where) for where in POSITIONS]
-SEARCH_HEADERS = ["code", "precision", "recall", "example contexts (hit in [brackets])"]
+SEARCH_HEADERS = ["code", "promotes", "precision", "recall",
+                  "example contexts (hit in [brackets])"]
 DEFAULT_PROMPT = "Once upon a time,"
 EMPTY_STORY = "<div class='story-text empty'>Press Generate to write a story.</div>"
 CHIP = "topic-chip"  # every topic button's class; a selected one has "selected" too
@@ -371,9 +372,9 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                 search = gr.Button("Search", scale=1, min_width=90)
             search_summary = gr.Markdown(search_note(start), elem_classes="hint")
             search_table = gr.Dataframe(headers=SEARCH_HEADERS, interactive=False, wrap=True,
-                                        datatype=["str", "number", "number", "str"],
+                                        datatype=["str", "str", "number", "number", "str"],
                                         max_height=360, label="Click a row to add its code",
-                                        column_widths=["30%", "14%", "12%", "44%"])
+                                        column_widths=["27%", "15%", "13%", "10%", "35%"])
     with gr.Accordion("Sampling", open=False):
         with gr.Row():
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=inputs.MAX_SEED)
@@ -536,9 +537,10 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         loaded = ctx.model(model_name)
         pattern = inputs.regex(query, "search")
         rows, summary = topic_search(loaded, pattern)
+        labels = code_labels(loaded, [r["name"] for r in rows])
         table = pd.DataFrame(
-            [[r["name"], round(r["precision"], 3), round(r["recall"], 3), r["example"]]
-             for r in rows], columns=SEARCH_HEADERS)
+            [[r["name"], labels.get(r["name"], ""), round(r["precision"], 3),
+              round(r["recall"], 3), r["example"]] for r in rows], columns=SEARCH_HEADERS)
         return table, summary + ". Click a row to add its code.", pattern
 
     endpoint([search.click, search_box.submit], find, [search_box, ctx.model_state],
@@ -549,7 +551,8 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         row = evt.row_value or []
         if not row or not row[0]:
             return gr.skip(), gr.skip()
-        return chips(with_code(codes_now, str(row[0]))), f"Added code `{row[0]}`."
+        label = f" ({row[1]})" if len(row) > 1 and row[1] else ""
+        return chips(with_code(codes_now, str(row[0]))), f"Added code `{row[0]}`{label}."
 
     search_table.select(add_row, [codes], [codes, status], api_visibility="private")
 
@@ -562,14 +565,20 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     def check_codes(codes_now, model_name: str):
         """Take off the chips generation would refuse (a typed code the model does not have,
-        one too many for a head), saying why; chips set by a topic or a search pass."""
+        one too many for a head), saying why; chips set by a topic or a search pass. Each
+        chip shows its code's label (the box's choices are the chips, labelled; the values
+        stay the codes)."""
+        loaded = ctx.model(model_name)
         try:
-            kept, problem = checked_chips(ctx.model(model_name), codes_now)
+            kept, problem = checked_chips(loaded, codes_now)
         except InputError as err:  # not a list at all
             return gr.skip(), f"**Not added**: {warn(str(err))}"
+        labels = code_labels(loaded, kept)
+        box = gr.update(choices=[(labelled(code, labels), code) for code in kept],
+                        **({} if kept == codes_now else {"value": kept}))
         if problem is None:
-            return (gr.skip() if kept == codes_now else kept), gr.skip()
-        return kept, f"**Not added**: {warn(problem)}"
+            return box, gr.skip()
+        return box, f"**Not added**: {warn(problem)}"
 
     codes.change(check_codes, [codes, ctx.model_state], [codes, status], preprocess=False,
                  api_visibility="private", show_progress="hidden")

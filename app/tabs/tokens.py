@@ -10,13 +10,14 @@ import gradio as gr
 import pandas as pd
 
 from app import inputs
+from app.analysis import code_labels
 from app.errors import endpoint, reported
 from app.generation import continuation_text
 from app.gpu import gpu
 from app.tabs import AppContext
 from app.tabs.steer import SteerTab
 from app.token_view import TokenCodes, token_codes
-from codebook.steering import Steering
+from codebook.steering import CodeRef, Steering
 from codebook.text import encode_document
 
 TAB_ID = "tokens"
@@ -96,17 +97,30 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
     endpoint([show.click, text.submit], show_tokens, token_inputs, token_outputs,
              status=selected, api_name="tokens", preprocess=False)
 
-    def pick(view_now: TokenCodes | None, evt: gr.SelectData):
+    def pick(view_now: TokenCodes | None, model_name: str, evt: gr.SelectData):
         if view_now is None or not isinstance(evt.index, int):
             return gr.skip(), gr.skip()
         position = evt.index
         rows = view_now.rows(position)
-        frame = pd.DataFrame([[r["layer"], r["site"], r["head"], ", ".join(map(str, r["codes"])),
-                               ", ".join(map(str, r["forced"]))] for r in rows], columns=HEADERS)
+        try:
+            labels = code_labels(ctx.model(model_name), [
+                CodeRef(r["layer"], r["site"], r["head"], c) for r in rows for c in r["codes"]])
+        except ValueError:  # the session's model changed since: codes without labels
+            labels = {}
+
+        def shown_codes(row: dict, codes: list[int]) -> str:
+            """Each code number with its label: ``117 (dragon, fire)``."""
+            return ", ".join(
+                f"{c} ({label})" if (label := labels.get(
+                    str(CodeRef(row["layer"], row["site"], row["head"], c)))) else str(c)
+                for c in codes)
+
+        frame = pd.DataFrame([[r["layer"], r["site"], r["head"], shown_codes(r, r["codes"]),
+                               shown_codes(r, r["forced"])] for r in rows], columns=HEADERS)
         token = _shown_token(view_now.tokens[position])
         return f"Token {position}: **{token!r}** (id {view_now.token_ids[position]})", frame
 
-    tokens.select(pick, [view], [selected, table], api_visibility="private")
+    tokens.select(pick, [view, ctx.model_state], [selected, table], api_visibility="private")
 
     def open_story(side: int):
         def opener(last: dict | None, model_name: str):
