@@ -7,8 +7,9 @@ from pathlib import Path
 
 import gradio as gr
 
+from app import inputs
 from app.analysis import code_labels
-from app.errors import endpoint
+from app.errors import endpoint, reported
 from app.exporting import ExportCache
 from app.models import LoadedModel, ModelRegistry
 from app.settings import Settings
@@ -94,4 +95,39 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
                  browser=load_and_show, browser_outputs=model_outputs,
                  show_progress_on=[model_tab.status])
 
+        # A share link (steer.LINK_KEYS in the URL): its model loaded if it is another, its
+        # prompt, seed and steering set filled in, then Generate pressed, which writes the pair
+        # the link was made from. A bad link changes nothing and says why.
+        # Not a State: a State's value stays on the server, and the click is the page's.
+        opened = gr.Checkbox(False, visible=False)
+        link_outputs = [*model_outputs, model_tab.name, steer_tab.prompt, steer_tab.strength,
+                        steer_tab.mode, steer_tab.positions, steer_tab.seed, steer_tab.random_seed,
+                        steer_tab.temperature, steer_tab.max_tokens, steer_tab.highlight,
+                        steer_tab.status, opened]
+
+        def open_link(request: gr.Request):
+            link = steer.read_link(dict(request.query_params), settings.max_new_tokens)
+            if link is None:
+                return [gr.skip()] * len(link_outputs)
+            shown = [gr.skip()] * len(model_outputs)
+            name = start.name
+            if link.model is not None and link.model not in (start.name, start.label):
+                shown = load_and_show(link.model)
+                name = shown[0]
+            loaded = ctx.model(name)
+            try:
+                inputs.steering(loaded, link.codes, link.strength, link.mode, link.positions)
+            except inputs.InputError as err:
+                raise inputs.InputError(f"the share link's steering set: {err}") from None
+            shown[model_outputs.index(steer_tab.codes)] = steer.chips(link.codes)
+            note = (f"Opened a share link: seed {link.seed}, {len(link.codes)} codes, model "
+                    f"`{loaded.label}`. Writing its pair of stories…")
+            return [*shown, loaded.label, link.prompt, link.strength, link.mode, link.positions,
+                    link.seed, False, link.temperature, link.max_tokens, link.highlight, note,
+                    True]
+
+        demo.load(reported(open_link, len(link_outputs), link_outputs.index(steer_tab.status)),
+                  None, link_outputs, api_visibility="private", show_progress="hidden").then(
+            None, [opened], None, api_visibility="private",
+            js="(opened) => { if (opened) document.getElementById('generate').click(); }")
     return demo

@@ -884,6 +884,53 @@ def test_codes_show_their_labels_in_chips_tables_and_the_token_view(app, dragon)
             browser.close()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_a_share_link_opens_the_same_pair_of_stories_in_a_fresh_page(app):
+    from playwright.sync_api import expect, sync_playwright
+
+    finished = re.compile(r"Seed \d+, temperature .*: \d+ and \d+ new tokens\.")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app[0])
+            page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
+            page.get_by_role("button", name="dragon", exact=True).click()
+            expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+            page.get_by_label("Strength").fill("3.5")
+            page.get_by_label("Strength").press("Enter")
+            # A fresh random seed (the link carries the one used), sampling at 0.8.
+            page.get_by_role("button", name="Generate", exact=True).click()
+            expect(page.get_by_text(finished)).to_be_visible(timeout=60_000)
+            stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
+            link = page.locator("#share-link textarea")
+            expect(link).to_have_value(re.compile(r"\?.*seed=\d+"), timeout=10_000)
+            shared = link.input_value()
+            assert "codes=" in shared and "strength=3.5" in shared and "temperature=0.8" in shared
+            assert page.url == shared  # the address bar is the share link too
+
+            fresh = browser.new_context().new_page()  # nothing shared with the first page
+            fresh.goto(shared)
+            expect(fresh.get_by_text("Opened a share link")).to_be_visible(timeout=30_000)
+            expect(fresh.get_by_text(finished)).to_be_visible(timeout=60_000)
+            assert [fresh.locator(".story-text").nth(i).inner_text() for i in range(2)
+                    ] == stories
+            assert stories[0] != stories[1]  # the link kept the steering too
+            expect(fresh.locator("#steering-codes .token")).to_have_count(
+                shared.count("%3A") // 3)
+
+            bad = browser.new_page()
+            bad.goto(app[0] + "?strength=abc&seed=1")
+            expect(bad.get_by_text("the share link is not valid: strength must be a number")
+                   .first).to_be_visible(timeout=30_000)
+            expect(bad.locator(BADGE)).to_have_count(0)
+            expect(bad.locator(".story-text.empty")).to_have_count(2)
+        finally:
+            browser.close()
+
+
 @pytest.fixture(scope="module")
 def slow_app(model_dir, tmp_path_factory):
     with running_app(model_dir, tmp_path_factory.mktemp("hub-slow"), step_delay=0.15) as run:

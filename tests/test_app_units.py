@@ -767,3 +767,24 @@ def test_a_codes_label_is_the_tokens_it_promotes_computed_once_per_model(loaded)
     assert time.perf_counter() - started < max(first, 0.01)
     assert set(analysis._analysis(loaded).labels) >= set(codes)
 
+
+def test_a_share_link_round_trips_and_a_bad_one_names_the_parameter():
+    import urllib.parse
+
+    from app.tabs import steer
+
+    query = steer.link_query("someone/tiny-app", "the cat, & the dog", ["0:attn_heads:0:1",
+                             "1:attn_heads:3:30"], -2.5, "replace", "generated", 77, 1.0, 12,
+                             "dragon|cave")
+    link = steer.read_link(dict(urllib.parse.parse_qsl(query)), 48)
+    assert link == steer.Link("someone/tiny-app", "the cat, & the dog", 77,
+                              ["0:attn_heads:0:1", "1:attn_heads:3:30"], -2.5, "replace",
+                              "generated", 1.0, 12, "dragon|cave")
+    assert steer.read_link({"__theme": "dark"}, 48) is None  # not a share link
+    for bad, message in (({"seed": "x"}, "seed must be a number"),
+                         ({"strength": "99"}, "strength must be between -10 and 10"),
+                         ({"codes": "abc"}, "cannot parse code"),
+                         ({"max_tokens": "49"}, "max new tokens must be between 1 and 48"),
+                         ({"mode": "sideways"}, "mode must be one of")):
+        with pytest.raises(InputError, match=f"the share link is not valid: {message}"):
+            steer.read_link(bad, 48)

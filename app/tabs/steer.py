@@ -16,6 +16,7 @@ import dataclasses
 import json
 import threading
 import time
+import urllib.parse
 
 import gradio as gr
 import pandas as pd
@@ -94,6 +95,74 @@ class SteerTab:
     inspect_unsteered: gr.Button
     inspect_steered: gr.Button
     last: gr.State  # the last generation's token ids, for the Token view
+    generate: gr.Button
+    share_link: gr.Textbox
+
+
+# A share link: the page's URL with what reproduces a pair of stories as query parameters.
+LINK_KEYS = ("model", "prompt", "seed", "codes", "strength", "mode", "positions", "temperature",
+             "max_tokens", "highlight")
+# Put in the address bar and the share box once a generation has written its pair.
+LINK_JS = """(query) => {
+  if (!query) return "";
+  history.replaceState(null, "", location.pathname + "?" + query);
+  return location.href;
+}"""
+
+
+@dataclasses.dataclass
+class Link:
+    """What a share link asks for, each value checked as the Steer tab checks it."""
+    model: str | None
+    prompt: str
+    seed: int
+    codes: list[str]
+    strength: float
+    mode: str
+    positions: str
+    temperature: float
+    max_tokens: int
+    highlight: str
+
+
+def link_query(model: str, prompt, codes, strength, mode, positions, seed, temperature,
+               max_tokens, highlight) -> str:
+    """The query string of a share link (:data:`LINK_KEYS`)."""
+    values = {"model": model, "prompt": prompt, "seed": inputs.shown_number(seed),
+              "codes": ",".join(inputs.code_list(codes)),
+              "strength": inputs.shown_number(strength), "mode": mode, "positions": positions,
+              "temperature": inputs.shown_number(temperature),
+              "max_tokens": inputs.shown_number(max_tokens), "highlight": highlight or ""}
+    return urllib.parse.urlencode({key: value for key, value in values.items() if value != ""})
+
+
+def read_link(query: dict, max_new_tokens: int) -> Link | None:
+    """The share link in a page's query parameters, or ``None`` when it has none of
+    :data:`LINK_KEYS` (other parameters are Gradio's or a host's, and ignored); a bad value
+    raises :class:`InputError` naming the parameter."""
+    if not any(key in query for key in LINK_KEYS):
+        return None
+
+    def get(key: str, default: str) -> str:
+        value = query.get(key, default)
+        return value[-1] if isinstance(value, list) else value
+
+    try:
+        return Link(
+            model=get("model", "").strip() or None,
+            prompt=inputs.text(get("prompt", DEFAULT_PROMPT), "the prompt"),
+            seed=inputs.integer(get("seed", "0"), "seed", 0, inputs.MAX_SEED),
+            codes=[str(CodeRef.parse(code.strip()))
+                   for code in inputs.code_list(get("codes", ""))],
+            strength=inputs.strength(get("strength", "1")),
+            mode=inputs.choice(get("mode", "add"), "mode", MODES),
+            positions=inputs.choice(get("positions", "all"), "positions", POSITIONS),
+            temperature=inputs.temperature(get("temperature", "0.8")),
+            max_tokens=inputs.max_new_tokens(get("max_tokens", str(min(150, max_new_tokens))),
+                                             max_new_tokens),
+            highlight=inputs.text(get("highlight", ""), "highlight"))
+    except ValueError as err:
+        raise InputError(f"the share link is not valid: {err}") from None
 
 
 def chips(codes: list[str]) -> list[str]:
@@ -322,13 +391,14 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                    for i in range(MAX_TOPIC_BUTTONS)]
     selected = gr.State([])
     with gr.Row(elem_classes="actions"):
-        generate = gr.Button("Generate", variant="primary", scale=3)
+        generate = gr.Button("Generate", variant="primary", scale=3, elem_id="generate")
         # Shown in place of nothing while a generation streams (Generate is disabled then).
         stop = gr.Button("Stop", variant="stop", scale=1, min_width=90, visible=False)
         clear = gr.Button("Clear steering", scale=1, min_width=140)
     # Just under the buttons, so that what a click did is in view (on a phone the stories below
     # fill the screen).
     status = gr.Markdown("Pick a topic, then press **Generate**.", elem_classes="hint")
+    share_query = gr.Textbox(visible=False)
     with gr.Row(equal_height=False):
         with gr.Column(min_width=300):
             gr.Markdown("#### Without steering")
@@ -340,6 +410,9 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
             steered = gr.HTML(EMPTY_STORY, elem_classes="story")
             inspect_steered = gr.Button("Codes of this story →", size="sm")
     result = gr.JSON(visible=False)  # plain texts and settings, for API clients
+    share_link = gr.Textbox(label="Share link: opens this pair of stories (same prompt, seed, "
+                                  "steering and model)", interactive=False, buttons=["copy"],
+                            elem_id="share-link", placeholder="written after a generation")
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
@@ -501,6 +574,22 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
             note = stopped_note(texts_out)
         yield *stories, used_seed, note, texts_out, tokens_of(pair)
 
+    def shared_query(model_name, result_now, last_now, max_now, highlight_now):
+        """The share link of the pair just written (nothing when the generation failed)."""
+        if not isinstance(result_now, dict) or not last_now:
+            return gr.skip()
+        steering = Steering.from_json(last_now["steering"]) if last_now["steering"] else None
+        try:
+            max_new = inputs.max_new_tokens(max_now, settings.max_new_tokens)
+        except InputError:
+            return gr.skip()
+        return link_query(
+            ctx.model(model_name).label, last_now["prompt"],
+            [str(c) for c in steering.codes] if steering else [],
+            steering.strength if steering else 1, steering.mode if steering else "add",
+            steering.positions if steering else "all", result_now["seed"],
+            result_now["temperature"], max_new, inputs.text(highlight_now, "highlight"))
+
     def starting(request: gr.Request):
         stop_flag(request.session_hash, fresh=True)
         return gr.update(interactive=False), gr.update(visible=True)
@@ -521,7 +610,11 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         reported(run, len(run_outputs), run_outputs.index(status)), run_inputs, run_outputs,
         api_visibility="private", **run_options).then(
         lambda: ready, None, [generate, stop], api_visibility="private",
-        show_progress="hidden", queue=False)
+        show_progress="hidden", queue=False).then(
+        shared_query, [ctx.model_state, result, last, max_tokens, highlight_box], share_query,
+        api_visibility="private", show_progress="hidden", queue=False)
+    share_query.change(None, [share_query], [share_link], js=LINK_JS, api_visibility="private",
+                       show_progress="hidden")
 
     def stopping(request: gr.Request):
         flag = stop_flag(request.session_hash)
@@ -602,4 +695,5 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     return SteerTab(prompt, hint, buttons, selected, codes, strength, mode, positions,
                     highlight_box, seed, random_seed, temperature, max_tokens, unsteered, steered,
-                    status, search_summary, inspect_unsteered, inspect_steered, last)
+                    status, search_summary, inspect_unsteered, inspect_steered, last, generate,
+                    share_link)
