@@ -7,8 +7,10 @@ protocol, as in :func:`codebook.analysis.steer_eval.sample`: pure sampling at ``
 top-k or
 top-p), or greedy at temperature 0; a continuation ends at the first end-of-story token.
 
-Steering holds per call (``model.steer`` steers the calling thread's forward passes only), so
-concurrent requests run their forward passes side by side on one loaded model, without a lock.
+Concurrent generations share one batched forward per step (:mod:`app.batching`), each row with
+its own steering; this module's own loop, one forward per side, runs where they cannot: on a
+ZeroGPU Space (whose GPU is attached only inside the visitor's call) and for models whose KV caches
+the batch cannot hold.
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ def side_by_side(
 ) -> Iterator[tuple[list[int], list[int]]]:
     """Yield ``(unsteered tokens, steered tokens)`` after every step (the prompt excluded; an
     end-of-story token ends a side and is not included)."""
+    from app import batching, gpu
+
+    if gpu.spaces is None and batching.batcher(loaded) is not None:
+        yield from batching.side_by_side(loaded, prompt_ids, steering, seed, temperature,
+                                         max_new_tokens)
+        return
     model = loaded.model
     stops = set(stop_ids(loaded.tokenizer))
     prompt = torch.tensor([prompt_ids], device=model.device)

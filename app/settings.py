@@ -8,7 +8,8 @@
                                can only load ``default`` and Hub repo ids.
 ``CODEBOOK_APP_MAX_NEW_TOKENS``  most tokens one generation may ask for (default 400).
 ``CODEBOOK_APP_MAX_PROMPT_CHARS`` longest prompt accepted (default 2000 characters).
-``CODEBOOK_APP_CONCURRENCY``   generations running at once (default 4; they take turns per token).
+``CODEBOOK_APP_CONCURRENCY``   generations running at once (default 16; they share one batched
+                               forward per token, see :mod:`app.batching`).
 ``CODEBOOK_APP_QUEUE_SIZE``    requests waiting in the queue before new ones are refused (64).
 ``CODEBOOK_APP_MAX_MODELS``    models kept loaded at once (default 3; the start model never leaves).
 ``CODEBOOK_APP_MAX_MODEL_MB``  largest Hub model (weights) a visitor may load (default 1024 MB).
@@ -44,7 +45,7 @@ class Settings:
     model_roots: tuple[Path, ...] = ()
     max_new_tokens: int = 400
     max_prompt_chars: int = 2000
-    concurrency: int = 4
+    concurrency: int = 16
     queue_size: int = 64
     max_models: int = 3
     max_model_mb: int = 1024
@@ -64,7 +65,7 @@ class Settings:
                               if r.strip()),
             max_new_tokens=_int("CODEBOOK_APP_MAX_NEW_TOKENS", 400),
             max_prompt_chars=_int("CODEBOOK_APP_MAX_PROMPT_CHARS", 2000),
-            concurrency=_int("CODEBOOK_APP_CONCURRENCY", 4),
+            concurrency=_int("CODEBOOK_APP_CONCURRENCY", 16),
             queue_size=_int("CODEBOOK_APP_QUEUE_SIZE", 64),
             max_models=_int("CODEBOOK_APP_MAX_MODELS", 3),
             max_model_mb=_int("CODEBOOK_APP_MAX_MODEL_MB", 1024),

@@ -7,17 +7,24 @@ a free loopback port) and measures, through ``gradio_client``:
 * first update: seconds from submitting a steered generation to its first streamed update;
 * tokens/s: new steered tokens per second through the app, the unsteered side written alongside
   as the Steer tab does (``--max-tokens`` per side), and both sides' tokens per second.
+* together (``--clients N``, in the same app run): one client's steered generation of
+  ``--together-tokens`` tokens a side, then N clients at once (each its own seed, connected
+  before any starts), wall clock from the first submit to the last result; the ratio of the two
+  is what sharing one batched forward per step (``app/batching.py``) buys (goal: at most 3x for
+  16 clients).
 
 Steering uses the model's first topic preset, with its strength, mode and positions (else one
 code at strength 1). The machine's load average is printed with the table: on a shared machine the
 wall-clock figures depend on it. Run:
 
-    python benchmarks/bench_app.py [--model default] [--runs 3] [--max-tokens 200]
+    python benchmarks/bench_app.py [--model default] [--runs 3] [--max-tokens 200] \
+        [--clients 16] [--together-tokens 40]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import socket
 import statistics
@@ -96,11 +103,29 @@ def generate(client, steering: dict, max_tokens: int, seed: int) -> tuple[float,
     return first, time.perf_counter() - began, result
 
 
+def together(url: str, steering: dict, clients: int, max_tokens: int, seed: int) -> float:
+    """Seconds for ``clients`` clients generating at once, from the first submit to the last
+    result (each client connected beforehand)."""
+    from gradio_client import Client
+
+    connected = [Client(url, verbose=False) for _ in range(clients)]
+    began = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: generate(connected[i], steering, max_tokens,
+                                                   seed + i)[2], range(clients)))
+    assert all(r["done"] for r in results)
+    return time.perf_counter() - began
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Time the app: start, first token, tokens/s.")
     parser.add_argument("--model", default=os.environ.get("CODEBOOK_MODEL", "default"))
     parser.add_argument("--runs", type=int, default=3, help="app starts (one generation each)")
     parser.add_argument("--max-tokens", type=int, default=200, help="new tokens per side")
+    parser.add_argument("--clients", type=int, default=16,
+                        help="concurrent clients (0: skip the together measure)")
+    parser.add_argument("--together-tokens", type=int, default=40,
+                        help="new tokens per side in the together measure")
     args = parser.parse_args()
 
     from gradio_client import Client
@@ -108,6 +133,7 @@ def main() -> int:
     preset, steering = first_preset(args.model)
     load_before = os.getloadavg()
     starts, start_cpu, firsts, steered, both = [], [], [], [], []
+    single, crowd = [], []
     for run in range(args.runs):
         proc, url, seconds, cpu = start(args.model, args.max_tokens)
         try:
@@ -119,6 +145,10 @@ def main() -> int:
             firsts.append(first)
             steered.append(result["tokens"][1] / total)
             both.append(sum(result["tokens"]) / total)
+            if args.clients:
+                single.append(together(url, steering, 1, args.together_tokens, 100 * run))
+                crowd.append(together(url, steering, args.clients, args.together_tokens,
+                                      100 * run))
         finally:
             proc.terminate()
             proc.wait(30)
@@ -137,6 +167,12 @@ def main() -> int:
     print(row("first streamed update, steered generation", firsts, "s"))
     print(row("steered tokens/s (unsteered side alongside)", steered, "tokens/s"))
     print(row("both sides' tokens/s", both, "tokens/s"))
+    if args.clients:
+        n, tokens = args.clients, args.together_tokens
+        print(row(f"1 client x {tokens} tokens a side", single, "s"))
+        print(row(f"{n} clients at once x {tokens} tokens a side", crowd, "s"))
+        print(row(f"{n} clients / 1 client (goal: at most 3)",
+                  [c / s for c, s in zip(crowd, single, strict=True)], "x"))
     return 0
 
 

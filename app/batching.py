@@ -1,0 +1,324 @@
+"""Visitors generate together: every generation in progress on a model shares one batched forward
+per decoding step.
+
+Each loaded model has a :class:`Batcher`, whose worker thread runs the model for everyone. A
+generation (a prompt, a seed, a temperature, a token budget and one steering or none) brings one
+batch row per side (unsteered and steered; one row when there is no steering). Between steps the
+worker lets rows join and leave:
+
+* a new generation runs its prompt through the model alone (its own rows only, so what it gets
+  does not depend on who else is writing), samples its first tokens, and its KV cache is merged
+  into the running batch's, left-padded to a common length (an attention mask hides the padding,
+  explicit position ids give each row its own positions);
+* a side that wrote an end-of-story token or its last token leaves at once, and so does a
+  generation whose visitor stopped it (or went away): its stream is closed;
+* every step then feeds each row its last token, each row steered by its own steering (per-row
+  steering, :class:`codebook.layer.SiteRun`), and samples each row's next token with the row's own
+  temperature and random generator, seeded as when writing alone.
+
+A visitor's stories are the same whether they write alone or among many, up to float rounding:
+the prompt runs with the generation's own rows only, every row keeps its own random generator, and
+the batched steps differ from a lone visitor's only in the order the arithmetic adds up (about
+1e-6 of a logit in float32), which changes a sampled token or a code's top-k choice only when two
+candidates tie that closely. :data:`DTYPE` set to ``torch.float64`` makes that practically never
+(the batch then runs a float64 copy of the model), at several times the cost per step on a CPU.
+Sampling is :mod:`app.generation`'s: pure sampling at the temperature (greedy at 0), on the CPU.
+
+The steps run ahead of the visitors' pages: each generation has a queue of token snapshots, one
+per step, that its page reads at its own pace (so a slow page slows nobody else).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from codebook.layer import SiteRun, TokenPositions, running
+from codebook.steering import Steering, layer_steerings
+from codebook.text import stop_ids
+
+log = logging.getLogger(__name__)
+
+DTYPE: torch.dtype | None = None  # the batch's arithmetic (None: the model's own)
+IDLE_SECONDS = 60.0  # a worker with nothing to do for this long ends (a new request restarts it)
+STEP_PAUSE = 0.002  # seconds the worker sleeps after each step (see _work)
+_STEERINGS_KEPT = 256  # built per-site steerings kept for reuse, by steering
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    prompt_ids: list[int]
+    steerings: list[Steering | None]  # one per row: [None] or [None, steering]
+    seed: int
+    temperature: float
+    max_new_tokens: int
+    updates: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    rows: list[_Row] = dataclasses.field(default_factory=list)
+    ended: bool = False
+
+    def snapshot(self) -> tuple[list[int], list[int]]:
+        return list(self.rows[0].tokens), list(self.rows[-1].tokens)
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    request: _Request
+    sites: dict  # (layer, site) -> LayerSteering of this row's steering
+    generator: torch.Generator
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    last: int = 0  # the last sampled token: the next step's input
+    position: int = 0  # its position id
+    done: bool = False
+
+
+class Batcher:
+    """The generations in progress on one model, stepped together by one worker thread."""
+
+    def __init__(self, model, tokenizer):
+        # A copy only for another dtype: steering and capture are per call, so the batch and
+        # the other tabs share one model.
+        same = DTYPE in (None, next(model.parameters()).dtype)
+        self.model = model if same else copy.deepcopy(model).to(DTYPE)
+        self.device = self.model.device
+        self.layers = self.model.codebook_layers()
+        self.stops = set(stop_ids(tokenizer))
+        self._cond = threading.Condition()
+        self._pending: list[_Request] = []
+        self._thread: threading.Thread | None = None
+        self._steerings: dict[str, dict] = {}
+        # The running batch (the worker's alone): its rows, KV cache and attention mask [B, L].
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+
+    # -- the visitors' side ---------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], steering: Steering | None, seed: int,
+               temperature: float, max_new_tokens: int) -> _Request:
+        request = _Request(list(prompt_ids), [None] if steering is None else [None, steering],
+                           seed, float(temperature), int(max_new_tokens))
+        with self._cond:
+            self._pending.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="codebook-batcher",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return request
+
+    def stream(self, request: _Request) -> Iterator[tuple[list[int], list[int]]]:
+        """``(unsteered tokens, steered tokens)`` after every step of ``request``; closing the
+        iterator (a Stop, a visitor gone) takes the request out of the batch."""
+        try:
+            while True:
+                kind, value = request.updates.get()
+                if kind == "step":
+                    yield value
+                elif kind == "done":
+                    return
+                else:
+                    raise value
+        finally:
+            request.cancelled.set()
+
+    # -- the worker -----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._rows:
+                    if not self._cond.wait(IDLE_SECONDS) and not self._pending:
+                        self._thread = None
+                        return
+                joining, self._pending = self._pending, []
+            try:
+                for request in joining:
+                    if request.cancelled.is_set():
+                        continue
+                    try:
+                        self._join(request)
+                    except Exception as err:  # this request's own problem: the batch goes on
+                        log.warning("a generation could not start: %s: %s",
+                                    type(err).__name__, err)
+                        self._end(request, err)
+                self._leave()
+                if self._rows:
+                    self._step()
+                    # Let the server's other threads (its event loop, the visitors' streams)
+                    # take the interpreter between steps: a tiny model's step is mostly Python.
+                    time.sleep(STEP_PAUSE)
+            except BaseException as err:  # the batch itself failed: tell everyone, start afresh
+                log.exception("a batched generation step failed")
+                for request in {row.request for row in self._rows} | set(joining):
+                    self._end(request, err)
+                self._rows, self._cache, self._mask = [], None, None
+
+    def _end(self, request: _Request, error: BaseException | None = None) -> None:
+        if not request.ended:
+            request.ended = True
+            request.updates.put(("error", error) if error is not None else ("done", None))
+
+    def _sites(self, steering: Steering | None) -> dict:
+        if steering is None:
+            return {}
+        key = steering.to_json()
+        if key not in self._steerings:
+            if len(self._steerings) >= _STEERINGS_KEPT:
+                self._steerings.clear()
+            self._steerings[key] = layer_steerings(steering, self.layers)
+        return self._steerings[key]
+
+    def _runs(self, rows: list[_Row], prompt_length: int) -> dict:
+        """Every row's own steering, for a forward over ``rows`` whose tokens before
+        ``prompt_length`` are the prompt."""
+        tokens = TokenPositions(prompt_length)
+        touched = {key for row in rows for key in row.sites}
+        return {layer: SiteRun(steering=tuple(row.sites.get(key) for row in rows), tokens=tokens)
+                for key, layer in self.layers.items() if key in touched}
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> None:
+        request = row.request
+        if request.temperature == 0:
+            token = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / request.temperature, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=row.generator))
+        if token in self.stops:
+            row.done = True
+            return
+        row.tokens.append(token)
+        row.last, row.position = token, row.position + 1
+        if len(row.tokens) >= request.max_new_tokens:
+            row.done = True
+
+    def _publish(self, request: _Request) -> None:
+        request.updates.put(("step", request.snapshot()))
+        if all(row.done for row in request.rows):
+            self._end(request)
+
+    @torch.no_grad()
+    def _join(self, request: _Request) -> None:
+        """Run ``request``'s prompt (its rows alone), sample its first tokens, and merge the rows
+        still writing into the batch."""
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        if not request.prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        length = len(request.prompt_ids)
+        request.rows = [_Row(request, self._sites(s), torch.Generator().manual_seed(request.seed),
+                             position=length - 1) for s in request.steerings]
+        ids = torch.tensor([request.prompt_ids] * len(request.rows), device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        with running(self._runs(request.rows, length)):
+            logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+        for row, row_logits in zip(request.rows, logits.cpu(), strict=True):
+            self._sample(row, row_logits)
+        keep = [i for i, row in enumerate(request.rows) if not row.done]
+        if keep:
+            self._merge([request.rows[i] for i in keep], cache,
+                        torch.tensor(keep, device=self.device), length)
+        self._publish(request)
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, index: torch.Tensor,
+               length: int) -> None:
+        mask = torch.ones(len(rows), length, dtype=torch.long, device=self.device)
+        if self._cache is None:
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+            self._cache, self._mask, self._rows = cache, mask, rows
+            return
+        width = max(self._mask.shape[1], length)
+
+        def padded(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
+            pad = [0, 0] * (t.dim() - 1 - seq_dim % t.dim()) + [width - t.shape[seq_dim], 0]
+            return F.pad(t, pad)
+
+        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([padded(mine.keys, -2), padded(theirs.keys[index], -2)])
+            mine.values = torch.cat([padded(mine.values, -2), padded(theirs.values[index], -2)])
+        self._mask = torch.cat([padded(self._mask, -1), padded(mask, -1)])
+        self._rows = self._rows + rows
+
+    def _leave(self) -> None:
+        """Take out the rows that are done and those of stopped generations."""
+        keep = []
+        for i, row in enumerate(self._rows):
+            if row.request.cancelled.is_set():
+                if not row.request.ended:
+                    written = [len(r.tokens) for r in row.request.rows]
+                    log.info("a generation was stopped after %s new tokens (%d other rows "
+                             "still writing)", " and ".join(map(str, written)),
+                             sum(not r.request.cancelled.is_set() and not r.done
+                                 for r in self._rows))
+                    self._end(row.request)
+            elif not row.done:
+                keep.append(i)
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask[index]
+        first = int(mask.any(0).nonzero()[0])  # columns that are padding in every row go
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+        self._mask = mask[:, first:]
+        self._rows = [self._rows[i] for i in keep]
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        rows = self._rows
+        ids = torch.tensor([[row.last] for row in rows], device=self.device)
+        positions = torch.tensor([[row.position] for row in rows], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        with running(self._runs(rows, 0)):  # every token fed in a step is a generated one
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                cache=self._cache, use_cache=True).logits[:, -1]
+        self._mask = mask
+        for row, row_logits in zip(rows, logits.cpu(), strict=True):
+            self._sample(row, row_logits)
+        for request in dict.fromkeys(row.request for row in rows):
+            self._publish(request)
+
+
+_batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_batchers_lock = threading.Lock()
+
+
+def batchable(model) -> bool:
+    """Whether the batch can hold ``model``'s KV caches (plain per-layer key and value tensors;
+    not sliding-window or recurrent layers)."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
+def batcher(loaded) -> Batcher | None:
+    """The batcher of the loaded model ``loaded`` (made on first use), or ``None`` when its model
+    cannot be batched."""
+    with _batchers_lock:
+        if loaded not in _batchers:
+            model = loaded.model
+            _batchers[loaded] = Batcher(model, loaded.tokenizer) if batchable(model) else None
+        return _batchers[loaded]
+
+
+def side_by_side(loaded, prompt_ids: list[int], steering: Steering | None, seed: int,
+                 temperature: float, max_new_tokens: int) -> Iterator[tuple[list[int], list[int]]]:
+    """:func:`app.generation.side_by_side`, written in the model's batch (see the module
+    docstring): ``(unsteered tokens, steered tokens)`` after every step."""
+    shared = batcher(loaded)
+    yield from shared.stream(shared.submit(prompt_ids, steering, seed, temperature,
+                                           max_new_tokens))
