@@ -149,20 +149,26 @@ def regex(pattern, field: str = "regex") -> str:
     return pattern
 
 
-def steering(loaded: LoadedModel, codes, strength_value, mode, positions) -> Steering | None:
+def steering(loaded: LoadedModel, codes, strength_value, mode, positions,
+             block=None) -> Steering | None:
     """The steering set as a :class:`Steering` checked against the model (every code exists, at
-    most ``k`` per head), or ``None`` when no code is chosen; strength, mode and positions are
-    checked either way."""
+    most ``k`` per head, none both forced and blocked), or ``None`` when no code is forced or
+    blocked; strength, mode and positions are checked either way. ``block``: codes that may
+    never be chosen (a list, or one comma-separated string)."""
     codes = code_list(codes)
+    block = code_list(block)
     mode = choice(mode, "mode", MODES)
     positions = choice(positions, "positions", POSITIONS)
     strength_value = strength(strength_value)
-    if not codes:
+    if not codes and not block:
         return None
     if len(codes) > MAX_CODES:
         raise InputError(f"{len(codes)} codes in the steering set; the limit is {MAX_CODES}")
+    if len(block) > MAX_CODES:
+        raise InputError(f"{len(block)} blocked codes; the limit is {MAX_CODES}")
     try:
-        result = Steering(codes=codes, strength=strength_value, mode=mode, positions=positions)
+        result = Steering(codes=codes, strength=strength_value, mode=mode, positions=positions,
+                          block=block)
         layer_steerings(result, loaded.model.codebook_layers())  # raises naming a bad code
     except ValueError as err:
         raise InputError(str(err)) from None
@@ -180,10 +186,8 @@ def steering_json(loaded: LoadedModel, shared) -> Steering:
         parsed = Steering.from_json(shared)
     except (ValueError, TypeError) as err:
         raise InputError(f"cannot read the steering JSON: {err}") from None
-    if parsed.block:
-        raise InputError("blocked codes are not supported in the app; remove 'block'")
     result = steering(loaded, [str(c) for c in parsed.codes], parsed.strength, parsed.mode,
-                      parsed.positions)
+                      parsed.positions, [str(c) for c in parsed.block])
     if result is None:
-        raise InputError("the steering JSON has no codes")
+        raise InputError("the steering JSON has no codes, forced or blocked")
     return result

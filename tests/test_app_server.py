@@ -317,10 +317,33 @@ def test_the_token_view_lists_each_tokens_codes(client):
 def test_the_steering_set_imports_from_json(client, dragon):
     shared = json.dumps({"codes": dragon[:2], "strength": 2.5, "mode": "replace",
                          "positions": "generated"})
-    chips, strength, mode, positions, status = client.predict(shared,
-                                                              api_name="/import_steering")
-    assert (chips, strength, mode, positions) == (dragon[:2], 2.5, "replace", "generated")
+    chips, strength, mode, positions, status, blocked = client.predict(
+        shared, api_name="/import_steering")
+    assert (chips, strength, mode, positions, blocked) == (dragon[:2], 2.5, "replace",
+                                                           "generated", [])
     assert "2 codes" in status
+    # Blocked codes come in too (the app refused them before).
+    shared = json.dumps({"codes": dragon[:1], "block": ["0:attn_heads:1:5", "1:attn_heads:0:2"]})
+    *_, status, blocked = client.predict(shared, api_name="/import_steering")
+    assert blocked == ["0:attn_heads:1:5", "1:attn_heads:0:2"] and "2 blocked" in status
+    with pytest.raises(AppError, match="both forced and blocked"):
+        client.predict(json.dumps({"codes": dragon[:1], "block": dragon[:1]}),
+                       api_name="/import_steering")
+
+
+def test_blocked_codes_are_never_chosen_and_change_the_steered_story(client):
+    """Block every code the unsteered story's first step chose in one head: the steered side
+    (and only it) changes; a blocked code that does not exist is refused, naming it."""
+    plain = texts(generate(client, codes=[], max_tokens=12))
+    block = [f"0:attn_heads:0:{code}" for code in range(28)]  # 28 of the head's 32 codes
+    job = client.submit(PROMPT, [], 1.0, "add", "all", 0, False, 0.0, 12, "", block,
+                        api_name="/generate")
+    result = job.result()[4]
+    assert result["unsteered"] == plain["unsteered"] and result["steered"] != plain["steered"]
+    assert len(result["steering"]["block"]) == len(block) and result["steering"]["codes"] == []
+    with pytest.raises(AppError, match="no codebook at layer 9"):
+        client.submit(PROMPT, [], 1.0, "add", "all", 0, False, 0.0, 12, "",
+                      ["9:attn_heads:0:1"], api_name="/generate").result()
 
 
 def test_export_returns_a_zip_whose_onnx_model_runs_in_onnxruntime(app, model_dir, dragon,
@@ -927,6 +950,47 @@ def test_a_share_link_opens_the_same_pair_of_stories_in_a_fresh_page(app):
                    .first).to_be_visible(timeout=30_000)
             expect(bad.locator(BADGE)).to_have_count(0)
             expect(bad.locator(".story-text.empty")).to_have_count(2)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_a_visitor_blocks_codes_and_the_steered_story_changes(app):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app[0])
+            page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
+            box = page.locator("#blocked-codes input")
+            chips = page.locator("#blocked-codes .token")
+            box.fill("9:attn_heads:0:1")  # refused where it is typed
+            box.press("Enter")
+            expect(page.get_by_text("Not blocked").first).to_be_visible(timeout=30_000)
+            expect(chips).to_have_count(0)
+            for code in range(28):  # most of one head's codes
+                box.fill(f"0:attn_heads:0:{code}")
+                box.press("Enter")
+            expect(chips).to_have_count(28, timeout=30_000)
+            expect(chips.first).to_contain_text(re.compile(r"0:attn_heads:0:0 · \S"))
+            page.get_by_text("Share: the steering set as JSON").click()
+            expect(page.locator("#steering-json textarea")).to_have_value(
+                re.compile(r'"block": \["0:attn_heads:0:0"'), timeout=10_000)
+            page.get_by_text("Sampling", exact=True).click()
+            page.get_by_label("New random seed each time").uncheck()
+            page.get_by_role("button", name="Generate", exact=True).click()
+            expect(page.get_by_text(re.compile(r"Seed 0, .*new tokens\."))
+                   ).to_be_visible(timeout=60_000)
+            stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
+            assert stories[0] != stories[1]  # only the steered side blocks
+            expect(page.locator("#share-link textarea")).to_have_value(
+                re.compile(r"block=0%3Aattn_heads%3A0%3A0"), timeout=10_000)
+            page.get_by_role("button", name="Clear steering").click()
+            expect(chips).to_have_count(0, timeout=10_000)
         finally:
             browser.close()
 

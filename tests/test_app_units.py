@@ -788,3 +788,18 @@ def test_a_share_link_round_trips_and_a_bad_one_names_the_parameter():
                          ({"mode": "sideways"}, "mode must be one of")):
         with pytest.raises(InputError, match=f"the share link is not valid: {message}"):
             steer.read_link(bad, 48)
+
+
+def test_the_steering_set_takes_blocked_codes(loaded):
+    blocked = inputs.steering(loaded, [], 1.0, "add", "all", ["0:attn_heads:1:5"])
+    assert blocked is not None and blocked.codes == [] and [str(c) for c in blocked.block] == [
+        "0:attn_heads:1:5"]
+    assert inputs.steering(loaded, [], 1.0, "add", "all", []) is None
+    with pytest.raises(InputError, match="both forced and blocked"):
+        inputs.steering(loaded, ["0:attn_heads:1:5"], 1.0, "add", "all", ["0:attn_heads:1:5"])
+    with pytest.raises(InputError, match="no codebook at layer 9"):
+        inputs.steering(loaded, [], 1.0, "add", "all", ["9:attn_heads:0:1"])
+    shared = inputs.steering_json(loaded, json.dumps({"codes": [], "block": ["0:attn_heads:0:3"]}))
+    assert [str(c) for c in shared.block] == ["0:attn_heads:0:3"]
+    with pytest.raises(InputError, match="no codes, forced or blocked"):
+        inputs.steering_json(loaded, json.dumps({"codes": []}))

@@ -80,6 +80,7 @@ class SteerTab:
     topic_buttons: list[gr.Button]
     selected: gr.State  # the selected topic chips' names, in the order they were clicked
     codes: gr.Dropdown
+    blocked: gr.Dropdown  # codes that may never be chosen
     strength: gr.Number
     mode: gr.Radio
     positions: gr.Radio
@@ -101,7 +102,7 @@ class SteerTab:
 
 # A share link: the page's URL with what reproduces a pair of stories as query parameters.
 LINK_KEYS = ("model", "prompt", "seed", "codes", "strength", "mode", "positions", "temperature",
-             "max_tokens", "highlight")
+             "max_tokens", "highlight", "block")
 # Put in the address bar and the share box once a generation has written its pair.
 LINK_JS = """(query) => {
   if (!query) return "";
@@ -123,16 +124,18 @@ class Link:
     temperature: float
     max_tokens: int
     highlight: str
+    block: list[str] = dataclasses.field(default_factory=list)
 
 
 def link_query(model: str, prompt, codes, strength, mode, positions, seed, temperature,
-               max_tokens, highlight) -> str:
+               max_tokens, highlight, block=()) -> str:
     """The query string of a share link (:data:`LINK_KEYS`)."""
     values = {"model": model, "prompt": prompt, "seed": inputs.shown_number(seed),
               "codes": ",".join(inputs.code_list(codes)),
               "strength": inputs.shown_number(strength), "mode": mode, "positions": positions,
               "temperature": inputs.shown_number(temperature),
-              "max_tokens": inputs.shown_number(max_tokens), "highlight": highlight or ""}
+              "max_tokens": inputs.shown_number(max_tokens), "highlight": highlight or "",
+              "block": ",".join(inputs.code_list(list(block)))}
     return urllib.parse.urlencode({key: value for key, value in values.items() if value != ""})
 
 
@@ -160,7 +163,9 @@ def read_link(query: dict, max_new_tokens: int) -> Link | None:
             temperature=inputs.temperature(get("temperature", "0.8")),
             max_tokens=inputs.max_new_tokens(get("max_tokens", str(min(150, max_new_tokens))),
                                              max_new_tokens),
-            highlight=inputs.text(get("highlight", ""), "highlight"))
+            highlight=inputs.text(get("highlight", ""), "highlight"),
+            block=[str(CodeRef.parse(code.strip()))
+                   for code in inputs.code_list(get("block", ""))])
     except ValueError as err:
         raise InputError(f"the share link is not valid: {err}") from None
 
@@ -360,23 +365,27 @@ def search_note(loaded: LoadedModel) -> str:
             "you know still works.")
 
 
-def steering_json(codes, strength, mode, positions) -> str:
+def steering_json(codes, strength, mode, positions, block=()) -> str:
     """The steering set as JSON (``Steering.to_json``'s keys), to copy and share."""
-    return json.dumps({"codes": list(codes or []), "strength": strength, "mode": mode,
-                       "positions": positions})
+    shared = {"codes": list(codes or []), "strength": strength, "mode": mode,
+              "positions": positions}
+    if block:
+        shared["block"] = list(block)
+    return json.dumps(shared)
 
 
-def synced_json(codes, strength, mode, positions):
+def synced_json(codes, strength, mode, positions, block=None):
     """:func:`steering_json` of the set as it is now, or no change while a part of it is not
     valid (a number being typed): the shared JSON only ever holds a set that would run."""
     try:
         codes = inputs.code_list(codes)
+        block = inputs.code_list(block)
         strength = inputs.strength(strength)
         inputs.choice(mode, "mode", MODES)
         inputs.choice(positions, "positions", POSITIONS)
     except InputError:
         return gr.skip()
-    return steering_json(codes, strength, mode, positions)
+    return steering_json(codes, strength, mode, positions, block)
 
 
 def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
@@ -423,6 +432,11 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                                      "layer 3. Add codes from a topic or the search, click × "
                                      "to remove one, or type one and press Enter.")
             codes.api_info = code_box_api_info  # for view_api; Gradio reads it per instance
+            blocked = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
+                                  label="Codes blocked", elem_id="blocked-codes",
+                                  info="Never chosen, on the steered side: type a code and "
+                                       "press Enter (the strength does not apply to them)")
+            blocked.api_info = code_box_api_info
             low, high = inputs.STRENGTH_RANGE
             # A number box, not a slider: a Gradio slider clamps a typed value to its ends
             # when the box loses focus, silently; this box refuses it with a notice instead.
@@ -504,23 +518,26 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     @gpu()
     def run(model_name, prompt_text, codes_now, strength_now, mode_now, positions_now, seed_now,
-            random_now, temperature_now, max_now, highlight_now, request: gr.Request = None):
+            random_now, temperature_now, max_now, highlight_now, blocked_now=None,
+            request: gr.Request = None):
         session = getattr(request, "session_hash", None)
         stop_now = stop_flag(session)  # set by this page's Stop button
         try:
             yield from generation_updates(model_name, prompt_text, codes_now, strength_now,
                                           mode_now, positions_now, seed_now, random_now,
-                                          temperature_now, max_now, highlight_now, stop_now)
+                                          temperature_now, max_now, highlight_now, stop_now,
+                                          blocked_now)
         finally:
             _drop_stop_flag(session, stop_now)
 
     def generation_updates(model_name, prompt_text, codes_now, strength_now, mode_now,
                            positions_now, seed_now, random_now, temperature_now, max_now,
-                           highlight_now, stop_now: threading.Event | None):
+                           highlight_now, stop_now: threading.Event | None, blocked_now):
         loaded = ctx.model(model_name)
         max_new = inputs.max_new_tokens(max_now, settings.max_new_tokens)
         ids = inputs.prompt_ids(loaded, prompt_text, settings.max_prompt_chars, max_new)
-        steering = inputs.steering(loaded, codes_now, strength_now, mode_now, positions_now)
+        steering = inputs.steering(loaded, codes_now, strength_now, mode_now, positions_now,
+                                   blocked_now)
         temperature_value = inputs.temperature(temperature_now)
         used_seed = inputs.seed(seed_now, random_now)
         # Marking runs between forward passes.
@@ -588,14 +605,15 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
             [str(c) for c in steering.codes] if steering else [],
             steering.strength if steering else 1, steering.mode if steering else "add",
             steering.positions if steering else "all", result_now["seed"],
-            result_now["temperature"], max_new, inputs.text(highlight_now, "highlight"))
+            result_now["temperature"], max_new, inputs.text(highlight_now, "highlight"),
+            [str(c) for c in steering.block] if steering else [])
 
     def starting(request: gr.Request):
         stop_flag(request.session_hash, fresh=True)
         return gr.update(interactive=False), gr.update(visible=True)
 
     run_inputs = [ctx.model_state, prompt, codes, strength, mode, positions, seed, random_seed,
-                  temperature, max_tokens, highlight_box]
+                  temperature, max_tokens, highlight_box, blocked]
     run_outputs = [unsteered, steered, seed, status, result, last]
     run_options = dict(concurrency_limit=settings.concurrency, concurrency_id="generate",
                        preprocess=False)
@@ -651,7 +669,7 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     clear.click(cleared, None, [codes, status, selected, *buttons], api_visibility="private")
 
-    set_parts = [codes, strength, mode, positions]
+    set_parts = [codes, strength, mode, positions, blocked]
     for part in set_parts:
         part.change(synced_json, set_parts, json_box, api_visibility="private", preprocess=False,
                     show_progress="hidden")
@@ -675,6 +693,31 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     codes.change(check_codes, [codes, ctx.model_state], [codes, status], preprocess=False,
                  api_visibility="private", show_progress="hidden")
+
+    def check_blocked(blocked_now, model_name: str):
+        """As :func:`check_codes`, for the blocked codes (any number per head)."""
+        loaded = ctx.model(model_name)
+        kept, problems = [], []
+        try:
+            typed = inputs.code_list(blocked_now)
+        except InputError as err:
+            return gr.skip(), f"**Not blocked**: {warn(str(err))}"
+        for code in typed:
+            try:
+                inputs.steering(loaded, [], 1.0, "add", "all", kept + [code])
+            except InputError as err:
+                problems.append(str(err))
+                continue
+            if (canonical := str(CodeRef.parse(code))) not in kept:
+                kept.append(canonical)
+        labels = code_labels(loaded, kept)
+        box = gr.update(choices=[(labelled(code, labels), code) for code in kept],
+                        **({} if kept == typed else {"value": kept}))
+        return box, (f"**Not blocked**: {warn('; '.join(problems))}" if problems else gr.skip())
+
+    blocked.change(check_blocked, [blocked, ctx.model_state], [blocked, status],
+                   preprocess=False, api_visibility="private", show_progress="hidden")
+    clear.click(lambda: [], None, blocked, api_visibility="private", show_progress="hidden")
     guard(strength, inputs.strength, status)
     guard(max_tokens, lambda value: inputs.max_new_tokens(value, settings.max_new_tokens),
           status)
@@ -682,10 +725,13 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     def import_json(shared: str, model_name: str):
         steering = inputs.steering_json(ctx.model(model_name), shared)
+        blocking = f", {len(steering.block)} blocked" if steering.block else ""
         return (chips([str(c) for c in steering.codes]), steering.strength, steering.mode,
-                steering.positions, f"Applied a steering set of {len(steering.codes)} codes.")
+                steering.positions,
+                f"Applied a steering set of {len(steering.codes)} codes{blocking}.",
+                chips([str(c) for c in steering.block]))
 
-    import_outputs = [codes, strength, mode, positions, status]
+    import_outputs = [codes, strength, mode, positions, status, blocked]
     # In the page a pasted set also unselects the topic chips (it replaces their codes).
     endpoint([apply_json.click], import_json, [json_box, ctx.model_state], import_outputs,
              status=status, api_name="import_steering", preprocess=False,
@@ -693,7 +739,7 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                                                  *cleared()[2:]),
              browser_outputs=[*import_outputs, selected, *buttons])
 
-    return SteerTab(prompt, hint, buttons, selected, codes, strength, mode, positions,
+    return SteerTab(prompt, hint, buttons, selected, codes, blocked, strength, mode, positions,
                     highlight_box, seed, random_seed, temperature, max_tokens, unsteered, steered,
                     status, search_summary, inspect_unsteered, inspect_steered, last, generate,
                     share_link)
