@@ -75,7 +75,7 @@ class BuildConfig:
     topics: list[str] | None = None  # default: the paper's seven
     preset_num_codes: list[int] = dataclasses.field(default_factory=lambda: [8, 12, 16, 24])
     preset_strengths: list[float] = dataclasses.field(
-        default_factory=lambda: [1.25, 1.5, 1.75, 2.0])
+        default_factory=lambda: [1.25, 1.5, 1.75, 2.0, 2.5])
     calibration_samples: int = 5
     samples_per_prompt: int = 10
     max_new_tokens: int = 200
