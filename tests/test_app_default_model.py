@@ -123,10 +123,12 @@ def test_searches_find_codes_in_the_shipped_index(client, presets):
     for name, (table, summary, highlight) in found.items():
         assert int(summary.split(" of ")[0]) >= 2, (name, summary)
         assert "indexed stories match" in summary and highlight == presets[name]["regex"]
-        assert table["data"] and all(0 <= row[1] <= 1 and 0 <= row[2] <= 1
+        column = {name: i for i, name in enumerate(table["headers"])}
+        assert table["data"] and all(0 <= row[column["precision"]] <= 1
+                                     and 0 <= row[column["recall"]] <= 1
                                      for row in table["data"])
     table, summary = client.predict(r"\bthe\b", api_name="/search_codes")
-    f1 = [row[3] for row in table["data"]]
+    f1 = [row[table["headers"].index("F1")] for row in table["data"]]
     assert f1 and f1 == sorted(f1, reverse=True) and "marks" in summary
 
 
