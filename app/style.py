@@ -27,10 +27,11 @@ CSS = """
   font-weight: 600; }
 .hint { color: var(--body-text-color-subdued); font-size: 0.92em; }
 /* A topic switches on dozens of codes: their chips scroll rather than pushing the rest of the
-   tab a screen down. Compact chips and room for whole rows: a topic's 24 codes show at once on
-   a desktop (the box showed 7, its third row cut); up to MAX_CODES scroll. */
-#steering-codes .token { padding: 2px 6px !important; font-size: 0.85em; }
-#steering-codes .wrap-inner { max-height: 15.5em; overflow-y: auto; }
+   tab a screen down. Compact chips and room for whole rows: a topic's 24 labelled codes show at
+   once on a desktop (the box showed 7, its third row cut); up to MAX_CODES scroll. */
+#steering-codes .token, #blocked-codes .token { padding: 2px 6px !important;
+  font-size: 0.85em; }
+#steering-codes .wrap-inner, #blocked-codes .wrap-inner { max-height: 32em; overflow-y: auto; }
 /* Generate, Stop and Clear steering keep their words on one line (on a phone "Clear steering"
    wrapped to two beside a one-line Generate). */
 .actions button { white-space: nowrap; }

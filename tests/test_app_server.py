@@ -477,8 +477,9 @@ def test_bad_generation_inputs_give_a_visible_error(client, change, message):
 
 @pytest.mark.parametrize("position, value, message", NOT_FINITE)
 def test_nan_and_infinity_give_a_visible_error(app, position, value, message):
+    # A raw call sends every argument, the blocked codes (the last) included.
     data = [json.dumps(v) for v in (PROMPT, ["0:attn_heads:0:1"], 1.0, "add", "all", 0, False,
-                                    1.0, 8, "")]
+                                    1.0, 8, "", [])]
     data[position] = value
     url = app[0] + "gradio_api/call/generate"
     call = httpx.post(url, content='{"data": [' + ", ".join(data) + "]}",
@@ -844,6 +845,7 @@ def test_the_layout_shows_a_topics_codes_whole_headers_a_short_model_tab_and_one
             page.get_by_role("button", name="Apply pasted JSON").click()
             chips = page.locator("#steering-codes .token")
             expect(chips).to_have_count(len(codes), timeout=30_000)
+            expect(chips.last).to_contain_text(" · ", timeout=30_000)  # labelled: full width
             box = page.locator("#steering-codes .wrap-inner").bounding_box()
             for i in range(len(codes)):
                 chip = chips.nth(i).bounding_box()
