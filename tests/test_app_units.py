@@ -264,8 +264,8 @@ def test_steering_json_round_trips_and_bad_json_is_named(loaded, dragon):
                           ('["0:attn_heads:0:1"]', "must be an object"),
                           ('{"codes": [], "strength": 1}', "has no codes"),
                           ('{"codes": ["0:attn_heads:0:1"], "mode": "sideways"}', "mode"),
-                          ('{"codes": ["0:attn_heads:0:1"], "block": ["0:attn_heads:0:2"]}',
-                           "blocked codes"),
+                          ('{"codes": ["0:attn_heads:0:1"], "block": ["0:attn_heads:0:1"]}',
+                           "both forced and blocked"),
                           ('{"codes": ["0:attn_heads:0:1"], "colour": "red"}', "unknown")]:
         with pytest.raises(InputError, match=problem):
             inputs.steering_json(loaded, text)
