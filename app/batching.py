@@ -69,7 +69,10 @@ class _Request:
     ended: bool = False
 
     def snapshot(self) -> tuple[list[int], list[int]]:
-        return list(self.rows[0].tokens), list(self.rows[-1].tokens)
+        """(unsteered, steered) tokens so far; one list twice when the generation is unsteered
+        (one row: both columns are one computation)."""
+        unsteered = list(self.rows[0].tokens)
+        return unsteered, (unsteered if len(self.rows) == 1 else list(self.rows[-1].tokens))
 
 
 @dataclasses.dataclass(eq=False)

@@ -143,7 +143,10 @@ class FinetuneConfig(CodebookOptions):
     def command_line(self) -> str:
         """The ``python -m training finetune`` command that runs this recipe."""
         parts = ["python", "-m", "training", "finetune"]
-        for f in dataclasses.fields(self):
+        # The required options (--base, --data, --output) first, the rest in field order.
+        required_first = sorted(dataclasses.fields(self), key=lambda f: (
+            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING))
+        for f in required_first:
             value = getattr(self, f.name)
             if f.name in RUNTIME_FIELDS or (f.default is not dataclasses.MISSING
                                             and value == f.default):
