@@ -186,6 +186,10 @@ def steering_json(loaded: LoadedModel, shared) -> Steering:
         parsed = Steering.from_json(shared)
     except (ValueError, TypeError) as err:
         raise InputError(f"cannot read the steering JSON: {err}") from None
+    if parsed.code_strengths:
+        raise InputError("the steering JSON gives some codes a strength of their own "
+                         "(code_strengths), which this app cannot show yet: remove them to "
+                         "steer every code at the set's strength")
     result = steering(loaded, [str(c) for c in parsed.codes], parsed.strength, parsed.mode,
                       parsed.positions, [str(c) for c in parsed.block])
     if result is None:

@@ -9,7 +9,8 @@ output ``scale`` (``[groups, num_codes]``):
   displaces the weakest code; the other ``k - 1`` codes are chosen as usual.
 * ``mode="replace"``: in each steered group every other code is blocked, so the forced codes
   replace all ``k`` (with one forced code and ``combine="mean"``, the output is that code).
-* ``strength`` multiplies the forced codes' vectors in the combination (their ``scale``).
+* ``strength`` multiplies the forced codes' vectors in the combination (their ``scale``);
+  ``code_strengths`` gives some forced codes a strength of their own.
 * ``block`` lists codes that may never be chosen (bias ``-inf``).
 * ``positions``: ``"all"`` tokens, only the ``"prompt"``, or only ``"generated"`` tokens.
 
@@ -34,7 +35,7 @@ POSITIONS = ("all", "prompt", "generated")
 
 # The keys of a topic preset that say how to steer (the fields of Steering); a preset's other keys
 # (its regex, statistics, a description) are not steering.
-PRESET_KEYS = ("codes", "strength", "mode", "positions", "block")
+PRESET_KEYS = ("codes", "strength", "mode", "positions", "block", "code_strengths")
 
 _SPEC = re.compile(
     r"^\s*(?:L|layer)?(\d+)\s*[:./]\s*([a-z_]+)\s*[:./]\s*(?:H|head)?(\d+)\s*[:./]\s*(?:C|code)?(\d+)\s*$",
@@ -107,6 +108,8 @@ class Steering:
     mode: str = "add"
     positions: str = "all"
     block: list[CodeRef] = dataclasses.field(default_factory=list)
+    # A strength of their own for some forced codes (keys: codes as CodeRef, str or dict).
+    code_strengths: dict[CodeRef, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.codes = parse_codes(self.codes)
@@ -117,12 +120,17 @@ class Steering:
             raise ValueError(
                 f"steering positions must be one of {POSITIONS}, got {self.positions!r}"
             )
-        try:
-            self.strength = float(self.strength)
-        except (TypeError, ValueError):
-            raise ValueError(f"steering strength must be a number, got {self.strength!r}") from None
-        if not math.isfinite(self.strength):
-            raise ValueError(f"steering strength must be finite, got {self.strength}")
+        self.strength = _strength("steering strength", self.strength)
+        if not isinstance(self.code_strengths, Mapping):
+            raise ValueError("code_strengths must map codes to strengths, got "
+                             f"{type(self.code_strengths).__name__}")
+        strengths = {}
+        for code, value in self.code_strengths.items():
+            ref = CodeRef.parse(code)
+            if ref not in self.codes:
+                raise ValueError(f"code_strengths names {ref}, which is not a forced code")
+            strengths[ref] = _strength(f"the strength of {ref}", value)
+        self.code_strengths = strengths
         overlap = set(self.codes) & set(self.block)
         if overlap:
             raise ValueError(f"codes both forced and blocked: {sorted(map(str, overlap))}")
@@ -134,6 +142,9 @@ class Steering:
             "mode": self.mode,
             "positions": self.positions,
             "block": [c.to_dict() for c in self.block],
+            # Only when there are some: steering sets saved before they existed stay as they were.
+            **({"code_strengths": {str(c): v for c, v in self.code_strengths.items()}}
+               if self.code_strengths else {}),
         }
 
     def to_json(self) -> str:
@@ -156,6 +167,16 @@ class Steering:
         if not isinstance(data, dict):
             raise ValueError("steering JSON must be an object with a 'codes' list")
         return cls.from_dict(data)
+
+
+def _strength(what: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value}")
+    return value
 
 
 def preset_steering(preset: dict, **overrides) -> Steering:
@@ -199,7 +220,7 @@ def steering_arrays(sites: Iterable[Mapping], steering: Steering) -> dict[tuple[
         entry(ref)[0][ref.head, ref.code] = -np.inf
     forced: dict = {}
     for ref in steering.codes:
-        entry(ref)[1][ref.head, ref.code] = steering.strength
+        entry(ref)[1][ref.head, ref.code] = steering.code_strengths.get(ref, steering.strength)
         forced.setdefault((ref.layer, ref.site, ref.head), set()).add(ref.code)
     for (layer, site, head), codes in forced.items():
         k = by_key[(layer, site)]["k"]

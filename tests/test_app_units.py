@@ -266,7 +266,9 @@ def test_steering_json_round_trips_and_bad_json_is_named(loaded, dragon):
                           ('{"codes": ["0:attn_heads:0:1"], "mode": "sideways"}', "mode"),
                           ('{"codes": ["0:attn_heads:0:1"], "block": ["0:attn_heads:0:1"]}',
                            "both forced and blocked"),
-                          ('{"codes": ["0:attn_heads:0:1"], "colour": "red"}', "unknown")]:
+                          ('{"codes": ["0:attn_heads:0:1"], "colour": "red"}', "unknown"),
+                          ('{"codes": ["0:attn_heads:0:1"], "code_strengths": '
+                           '{"0:attn_heads:0:1": 3}}', "a strength of their own")]:
         with pytest.raises(InputError, match=problem):
             inputs.steering_json(loaded, text)
     assert inputs.steering(loaded, [], 1.0, "add", "all") is None

@@ -43,6 +43,27 @@ def test_add_forces_the_codes_and_scales_them_by_the_strength():
     assert scale[0, 2] == 3.0 and np.count_nonzero(scale != 1) == 1
 
 
+def test_a_code_may_have_a_strength_of_its_own():
+    steering = Steering(codes="0:attn_heads:1:5, 0:attn_heads:2:7, 1:mlp_out:0:2", strength=3.0,
+                        code_strengths={"0:attn_heads:2:7": 0.5, "L1.mlp_out.H0.C2": -1.0})
+    arrays = steering_arrays(SITES, steering)
+    scale = arrays[(0, "attn_heads")][1]
+    assert (scale[1, 5], scale[2, 7]) == (3.0, 0.5)  # the set's strength, and its own
+    assert np.count_nonzero(scale != 1) == 2
+    assert arrays[(1, "mlp_out")][1][0, 2] == -1.0
+    # JSON keeps them; a set without any writes no key (older files read the same).
+    assert Steering.from_json(steering.to_json()) == steering
+    assert steering.to_dict()["code_strengths"] == {"0:attn_heads:2:7": 0.5,
+                                                    "1:mlp_out:0:2": -1.0}
+    assert "code_strengths" not in Steering(codes="0:attn_heads:1:5").to_dict()
+    with pytest.raises(ValueError, match="names 0:attn_heads:3:1, which is not a forced code"):
+        Steering(codes="0:attn_heads:1:5", code_strengths={"0:attn_heads:3:1": 2.0})
+    with pytest.raises(ValueError, match="the strength of 0:attn_heads:1:5 must be finite"):
+        Steering(codes="0:attn_heads:1:5", code_strengths={"0:attn_heads:1:5": float("nan")})
+    with pytest.raises(ValueError, match="code_strengths must map codes to strengths"):
+        Steering(codes="0:attn_heads:1:5", code_strengths=[2.0])
+
+
 def test_replace_blocks_every_other_code_of_the_steered_head_only():
     arrays = steering_arrays(SITES, Steering(codes=["0:attn_heads:1:5", "0:attn_heads:1:6"],
                                              mode="replace"))
@@ -59,6 +80,7 @@ def test_replace_blocks_every_other_code_of_the_steered_head_only():
     {"codes": "L0.attn_heads.H1.C5, 1:mlp_out:0:2", "strength": 3.0},
     {"codes": '[{"layer": 1, "site": "mlp_out", "head": 0, "code": 9}]',
      "block": ["0:attn_heads:3:0", "1:mlp_out:0:1"], "strength": 0.5, "mode": "replace"},
+    {"codes": "0:attn_heads:1:5, 1:mlp_out:0:2", "code_strengths": {"1:mlp_out:0:2": -2.0}},
 ])
 def test_the_torch_tensors_are_the_numpy_arrays(options):
     steering = Steering(**options)
