@@ -605,144 +605,139 @@ CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(os.environ.get("CODEBOOK_APP_SCREENSHOTS", REPO / "out" / "app-screenshots"))
 
 
+@pytest.fixture()
+def browser():
+    """Debian's Chromium, driven by Playwright, closed after the test."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
-def test_a_visitor_steers_a_story_and_downloads_an_export(app, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+def test_a_visitor_steers_a_story_and_downloads_an_export(app, tmp_path, browser):
+    from playwright.sync_api import expect
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900},
-                                    accept_downloads=True)
-            page.goto(app[0])
-            page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
-            page.get_by_role("button", name="dragon", exact=True).click()
-            expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
-            # A fixed seed: with a fresh random one, a story on this tiny model sometimes ends
-            # after a few tokens, the same with and without steering.
-            page.get_by_text("Sampling", exact=True).click()
-            page.get_by_label("New random seed each time").uncheck()
-            page.get_by_role("button", name="Generate", exact=True).click()
-            expect(page.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("Seed 0,")).to_be_visible()
-            stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
-            assert all(story.startswith(PROMPT) and len(story) > len(PROMPT) for story in stories)
-            assert stories[0] != stories[1]  # steered: the same seed for both
-            page.screenshot(path=str(SCREENSHOTS / "steer-desktop.png"), full_page=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900},
+                            accept_downloads=True)
+    page.goto(app[0])
+    page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
+    page.get_by_role("button", name="dragon", exact=True).click()
+    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    # A fixed seed: with a fresh random one, a story on this tiny model sometimes ends
+    # after a few tokens, the same with and without steering.
+    page.get_by_text("Sampling", exact=True).click()
+    page.get_by_label("New random seed each time").uncheck()
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Seed 0,")).to_be_visible()
+    stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
+    assert all(story.startswith(PROMPT) and len(story) > len(PROMPT) for story in stories)
+    assert stories[0] != stories[1]  # steered: the same seed for both
+    page.screenshot(path=str(SCREENSHOTS / "steer-desktop.png"), full_page=True)
 
-            page.get_by_role("tab", name="Export").click()
-            page.get_by_role("button", name="Build bundle").click()
-            download_button = page.get_by_role("button", name="Download")
-            expect(download_button).to_be_visible(timeout=120_000)
-            with page.expect_download(timeout=60_000) as waiting:
-                download_button.click()
-            saved = tmp_path / waiting.value.suggested_filename
-            waiting.value.save_as(saved)
-            with zipfile.ZipFile(saved) as zipped:
-                assert any(name.endswith("/model.onnx") for name in zipped.namelist())
-            page.screenshot(path=str(SCREENSHOTS / "export-desktop.png"), full_page=True)
+    page.get_by_role("tab", name="Export").click()
+    page.get_by_role("button", name="Build bundle").click()
+    download_button = page.get_by_role("button", name="Download")
+    expect(download_button).to_be_visible(timeout=120_000)
+    with page.expect_download(timeout=60_000) as waiting:
+        download_button.click()
+    saved = tmp_path / waiting.value.suggested_filename
+    waiting.value.save_as(saved)
+    with zipfile.ZipFile(saved) as zipped:
+        assert any(name.endswith("/model.onnx") for name in zipped.namelist())
+    page.screenshot(path=str(SCREENSHOTS / "export-desktop.png"), full_page=True)
 
-            phone = browser.new_page(viewport={"width": 390, "height": 844})
-            phone.goto(app[0])
-            phone.get_by_role("button", name="dragon", exact=True).click()
-            expect(phone.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
-            phone.get_by_role("button", name="Generate", exact=True).click()
-            expect(phone.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
-            phone.screenshot(path=str(SCREENSHOTS / "steer-phone.png"), full_page=True)
-        finally:
-            browser.close()
+    phone = browser.new_page(viewport={"width": 390, "height": 844})
+    phone.goto(app[0])
+    phone.get_by_role("button", name="dragon", exact=True).click()
+    expect(phone.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    phone.get_by_role("button", name="Generate", exact=True).click()
+    expect(phone.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
+    phone.screenshot(path=str(SCREENSHOTS / "steer-phone.png"), full_page=True)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
-def test_a_visitor_typing_a_bad_value_is_told_and_nothing_changes(app):
+def test_a_visitor_typing_a_bad_value_is_told_and_nothing_changes(app, browser):
     """Strength and max new tokens outside their range, and malformed codes typed as chips, are
     refused where they are typed: a notice says why, the box shows the value that will run."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(app[0])
-            page.get_by_role("button", name="dragon", exact=True).click()
-            expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
-            share = page.get_by_text("Share: the steering set as JSON")
-            share.click()
-            shared = page.locator("#steering-json textarea")
-            expect(shared).to_have_value(re.compile(r'"strength": 4(\.0)?,'), timeout=10_000)
-            strength = page.get_by_label("Strength")
-            strength.fill("-50")
-            strength.press("Enter")
-            expect(page.get_by_text("strength must be between -10 and 10, got -50").first
-                   ).to_be_visible(timeout=10_000)
-            expect(strength).to_have_value("4")
-            expect(shared).to_have_value(re.compile(r'"strength": 4(\.0)?,'))
-            strength.fill("-2.5")  # in range, negative: taken
-            strength.press("Enter")
-            expect(shared).to_have_value(re.compile(r'"strength": -2.5,'), timeout=10_000)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app[0])
+    page.get_by_role("button", name="dragon", exact=True).click()
+    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    share = page.get_by_text("Share: the steering set as JSON")
+    share.click()
+    shared = page.locator("#steering-json textarea")
+    expect(shared).to_have_value(re.compile(r'"strength": 4(\.0)?,'), timeout=10_000)
+    strength = page.get_by_label("Strength")
+    strength.fill("-50")
+    strength.press("Enter")
+    expect(page.get_by_text("strength must be between -10 and 10, got -50").first
+           ).to_be_visible(timeout=10_000)
+    expect(strength).to_have_value("4")
+    expect(shared).to_have_value(re.compile(r'"strength": 4(\.0)?,'))
+    strength.fill("-2.5")  # in range, negative: taken
+    strength.press("Enter")
+    expect(shared).to_have_value(re.compile(r'"strength": -2.5,'), timeout=10_000)
 
-            page.get_by_text("Sampling", exact=True).click()
-            tokens = page.get_by_label("Max new tokens")
-            tokens.fill("1000000000")
-            tokens.press("Enter")
-            expect(page.get_by_text(f"max new tokens must be between 1 and {MAX_NEW_TOKENS}, "
-                                    "got 1000000000").first).to_be_visible(timeout=10_000)
-            expect(tokens).to_have_value(str(MAX_NEW_TOKENS))  # the default, kept
+    page.get_by_text("Sampling", exact=True).click()
+    tokens = page.get_by_label("Max new tokens")
+    tokens.fill("1000000000")
+    tokens.press("Enter")
+    expect(page.get_by_text(f"max new tokens must be between 1 and {MAX_NEW_TOKENS}, "
+                            "got 1000000000").first).to_be_visible(timeout=10_000)
+    expect(tokens).to_have_value(str(MAX_NEW_TOKENS))  # the default, kept
 
-            chips = page.locator("#steering-codes .token")
-            before = chips.count()
-            box = page.locator("#steering-codes input")
-            for typed, message in (("abc", "cannot parse code 'abc'"),
-                                   ("99:attn_heads:0:1", "there is no codebook at layer 99")):
-                box.fill(typed)
-                box.press("Enter")
-                expect(page.get_by_text(message).first).to_be_visible(timeout=10_000)
-                expect(chips).to_have_count(before)
-            box.fill("0:attn_heads:0:7")
-            box.press("Enter")
-            expect(chips).to_have_count(before + 1, timeout=10_000)
-        finally:
-            browser.close()
+    chips = page.locator("#steering-codes .token")
+    before = chips.count()
+    box = page.locator("#steering-codes input")
+    for typed, message in (("abc", "cannot parse code 'abc'"),
+                           ("99:attn_heads:0:1", "there is no codebook at layer 99")):
+        box.fill(typed)
+        box.press("Enter")
+        expect(page.get_by_text(message).first).to_be_visible(timeout=10_000)
+        expect(chips).to_have_count(before)
+    box.fill("0:attn_heads:0:7")
+    box.press("Enter")
+    expect(chips).to_have_count(before + 1, timeout=10_000)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
-def test_topic_chips_toggle_look_selected_and_clear_unselects_them(app, dragon):
-    from playwright.sync_api import expect, sync_playwright
+def test_topic_chips_toggle_look_selected_and_clear_unselects_them(app, dragon, browser):
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(app[0])
-            chip = page.get_by_role("button", name="dragon", exact=True)
-            chips = page.locator("#steering-codes .token")
-            selected = re.compile(r"\bselected\b")
-            expect(chip).not_to_have_class(selected)
-            chip.click()
-            expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
-            expect(chips).to_have_count(len(dragon))
-            expect(chip).to_have_class(selected)
-            expect(chip).to_have_class(re.compile(r"\bprimary\b"))
-            chip.click()  # again: off
-            expect(page.get_by_text("Removed dragon")).to_be_visible(timeout=30_000)
-            expect(chips).to_have_count(0)
-            expect(chip).not_to_have_class(selected)
-            chip.click()
-            expect(chip).to_have_class(selected, timeout=30_000)
-            expect(chips).to_have_count(len(dragon))
-            page.get_by_role("button", name="Clear steering").click()
-            expect(page.get_by_text("Steering cleared")).to_be_visible(timeout=30_000)
-            expect(chips).to_have_count(0)
-            expect(chip).not_to_have_class(selected)
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app[0])
+    chip = page.get_by_role("button", name="dragon", exact=True)
+    chips = page.locator("#steering-codes .token")
+    selected = re.compile(r"\bselected\b")
+    expect(chip).not_to_have_class(selected)
+    chip.click()
+    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    expect(chips).to_have_count(len(dragon))
+    expect(chip).to_have_class(selected)
+    expect(chip).to_have_class(re.compile(r"\bprimary\b"))
+    chip.click()  # again: off
+    expect(page.get_by_text("Removed dragon")).to_be_visible(timeout=30_000)
+    expect(chips).to_have_count(0)
+    expect(chip).not_to_have_class(selected)
+    chip.click()
+    expect(chip).to_have_class(selected, timeout=30_000)
+    expect(chips).to_have_count(len(dragon))
+    page.get_by_role("button", name="Clear steering").click()
+    expect(page.get_by_text("Steering cleared")).to_be_visible(timeout=30_000)
+    expect(chips).to_have_count(0)
+    expect(chip).not_to_have_class(selected)
 
 
 BADGE = '[data-testid="status-tracker"] .error'  # Gradio's red "Error" badge over a component
@@ -750,10 +745,10 @@ BADGE = '[data-testid="status-tracker"] .error'  # Gradio's red "Error" badge ov
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
-def test_failed_actions_are_told_in_status_lines_with_no_error_badge_over_controls(app):
+def test_failed_actions_are_told_in_status_lines_with_no_error_badge_over_controls(app, browser):
     """A failed model load, a bad pasted steering set and a generation error each say what went
     wrong in a status line and a notice; no Error badge covers a control on any tab."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     def no_badge_anywhere(page):
         for tab in ("Steer", "Codes", "Token view", "Export", "Model"):
@@ -761,44 +756,38 @@ def test_failed_actions_are_told_in_status_lines_with_no_error_badge_over_contro
             page.wait_for_timeout(300)
             expect(page.locator(BADGE)).to_have_count(0)
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(app[0])
-            page.get_by_role("tab", name="Model").click()
-            page.locator("#model-name textarea").fill("someone/missing")
-            page.get_by_role("button", name="Load", exact=True).click()
-            expect(page.get_by_text("Cannot do that: cannot load 'someone/missing'")
-                   ).to_be_visible(timeout=30_000)
-            expect(page.locator(".toast-body").first).to_be_visible()
-            no_badge_anywhere(page)
-            page.get_by_role("tab", name="Steer").click()
-            expect(page.locator("#steering-codes input")).to_be_visible()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app[0])
+    page.get_by_role("tab", name="Model").click()
+    page.locator("#model-name textarea").fill("someone/missing")
+    page.get_by_role("button", name="Load", exact=True).click()
+    expect(page.get_by_text("Cannot do that: cannot load 'someone/missing'")
+           ).to_be_visible(timeout=30_000)
+    expect(page.locator(".toast-body").first).to_be_visible()
+    no_badge_anywhere(page)
+    page.get_by_role("tab", name="Steer").click()
+    expect(page.locator("#steering-codes input")).to_be_visible()
 
-            page.get_by_text("Share: the steering set as JSON").click()
-            page.locator("#steering-json textarea").fill('{"codes": ["9:attn_heads:0:1"]}')
-            page.get_by_role("button", name="Apply pasted JSON").click()
-            expect(page.get_by_text(re.compile(r"Cannot do that: .*no codebook at layer 9"))
-                   ).to_be_visible(timeout=30_000)
-            page.get_by_label("Prompt: the beginning of a story").fill("  ")
-            page.get_by_role("button", name="Generate", exact=True).click()
-            expect(page.get_by_text("Cannot do that: the prompt is empty")
-                   ).to_be_visible(timeout=30_000)
-            # Generate is back, the stories untouched.
-            expect(page.get_by_role("button", name="Generate", exact=True)
-                   ).to_be_enabled(timeout=10_000)
-            expect(page.locator(".story-text.empty")).to_have_count(2)
-            no_badge_anywhere(page)
-            page.get_by_role("tab", name="Steer").click()
-            for label in ("Strength", "Prompt: the beginning of a story"):
-                box = page.get_by_label(label)
-                expect(box).to_be_visible()
-                box.click()  # nothing lies over it
-            page.get_by_role("button", name="Generate", exact=True).click(trial=True)
-        finally:
-            browser.close()
+    page.get_by_text("Share: the steering set as JSON").click()
+    page.locator("#steering-json textarea").fill('{"codes": ["9:attn_heads:0:1"]}')
+    page.get_by_role("button", name="Apply pasted JSON").click()
+    expect(page.get_by_text(re.compile(r"Cannot do that: .*no codebook at layer 9"))
+           ).to_be_visible(timeout=30_000)
+    page.get_by_label("Prompt: the beginning of a story").fill("  ")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.get_by_text("Cannot do that: the prompt is empty")
+           ).to_be_visible(timeout=30_000)
+    # Generate is back, the stories untouched.
+    expect(page.get_by_role("button", name="Generate", exact=True)
+           ).to_be_enabled(timeout=10_000)
+    expect(page.locator(".story-text.empty")).to_have_count(2)
+    no_badge_anywhere(page)
+    page.get_by_role("tab", name="Steer").click()
+    for label in ("Strength", "Prompt: the beginning of a story"):
+        box = page.get_by_label(label)
+        expect(box).to_be_visible()
+        box.click()  # nothing lies over it
+    page.get_by_role("button", name="Generate", exact=True).click(trial=True)
 
 
 # Each header cell's right edge against its table's: a cut header lies past the table's edge.
@@ -811,190 +800,166 @@ HEADERS_PAST_EDGE = """() => [...document.querySelectorAll('.table-wrap')]
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
 def test_the_layout_shows_a_topics_codes_whole_headers_a_short_model_tab_and_one_line_buttons(
-        app):
-    from playwright.sync_api import expect, sync_playwright
+        app, browser):
+    from playwright.sync_api import expect
 
     # 24 codes, as many as the default model's fire preset: three on each head.
     codes = [f"{layer}:attn_heads:{head}:{code}" for layer in (0, 1) for head in range(4)
              for code in (1, 2, 3)]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=["--no-sandbox"])
-        try:
-            for width, height in ((1280, 900), (390, 844)):
-                page = browser.new_page(viewport={"width": width, "height": height})
-                page.goto(app[0])
-                # Empty tables show every header whole, on every tab.
-                for tab in ("Steer", "Codes", "Token view"):
-                    page.get_by_role("tab", name=tab).click()
-                    expect(page.locator(".table-wrap:visible")).to_have_count(1)
-                    assert page.evaluate(HEADERS_PAST_EDGE) == [], (width, tab)
-                page.get_by_role("tab", name="Steer").click()
-                # Generate and Clear steering side by side, each on one line.
-                generate = page.get_by_role("button", name="Generate", exact=True)
-                clear = page.get_by_role("button", name="Clear steering")
-                one, other = generate.bounding_box(), clear.bounding_box()
-                assert abs(one["y"] - other["y"]) < 2 and abs(
-                    one["height"] - other["height"]) < 2, (width, one, other)
-                assert other["height"] < 50, (width, other)  # one line of text
-            # The code box shows all 24 chips at once on a desktop, none cut.
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(app[0])
-            page.get_by_text("Share: the steering set as JSON").click()
-            page.locator("#steering-json textarea").fill(json.dumps({"codes": codes}))
-            page.get_by_role("button", name="Apply pasted JSON").click()
-            chips = page.locator("#steering-codes .token")
-            expect(chips).to_have_count(len(codes), timeout=30_000)
-            expect(chips.last).to_contain_text(" · ", timeout=30_000)  # labelled: full width
-            box = page.locator("#steering-codes .wrap-inner").bounding_box()
-            for i in range(len(codes)):
-                chip = chips.nth(i).bounding_box()
-                assert box["y"] <= chip["y"] and chip["y"] + chip["height"] <= (
-                    box["y"] + box["height"] + 1), (i, chip, box)
-            # The Model tab opens short: the model card is folded away until asked for.
-            page.get_by_role("tab", name="Model").click()
-            card = page.locator("#model-card")
-            expect(card).to_be_visible()
-            text = card.get_by_text("Tiny app model")  # the card's heading
-            expect(text).to_be_hidden()
-            assert page.evaluate("() => document.body.scrollHeight") < 2500
-            card.get_by_text("Model card").click()
-            expect(text).to_be_visible()
-        finally:
-            browser.close()
+    for width, height in ((1280, 900), (390, 844)):
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(app[0])
+        # Empty tables show every header whole, on every tab.
+        for tab in ("Steer", "Codes", "Token view"):
+            page.get_by_role("tab", name=tab).click()
+            expect(page.locator(".table-wrap:visible")).to_have_count(1)
+            assert page.evaluate(HEADERS_PAST_EDGE) == [], (width, tab)
+        page.get_by_role("tab", name="Steer").click()
+        # Generate and Clear steering side by side, each on one line.
+        generate = page.get_by_role("button", name="Generate", exact=True)
+        clear = page.get_by_role("button", name="Clear steering")
+        one, other = generate.bounding_box(), clear.bounding_box()
+        assert abs(one["y"] - other["y"]) < 2 and abs(
+            one["height"] - other["height"]) < 2, (width, one, other)
+        assert other["height"] < 50, (width, other)  # one line of text
+    # The code box shows all 24 chips at once on a desktop, none cut.
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app[0])
+    page.get_by_text("Share: the steering set as JSON").click()
+    page.locator("#steering-json textarea").fill(json.dumps({"codes": codes}))
+    page.get_by_role("button", name="Apply pasted JSON").click()
+    chips = page.locator("#steering-codes .token")
+    expect(chips).to_have_count(len(codes), timeout=30_000)
+    expect(chips.last).to_contain_text(" · ", timeout=30_000)  # labelled: full width
+    box = page.locator("#steering-codes .wrap-inner").bounding_box()
+    for i in range(len(codes)):
+        chip = chips.nth(i).bounding_box()
+        assert box["y"] <= chip["y"] and chip["y"] + chip["height"] <= (
+            box["y"] + box["height"] + 1), (i, chip, box)
+    # The Model tab opens short: the model card is folded away until asked for.
+    page.get_by_role("tab", name="Model").click()
+    card = page.locator("#model-card")
+    expect(card).to_be_visible()
+    text = card.get_by_text("Tiny app model")  # the card's heading
+    expect(text).to_be_hidden()
+    assert page.evaluate("() => document.body.scrollHeight") < 2500
+    card.get_by_text("Model card").click()
+    expect(text).to_be_visible()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
-def test_codes_show_their_labels_in_chips_tables_and_the_token_view(app, dragon):
-    from playwright.sync_api import expect, sync_playwright
+def test_codes_show_their_labels_in_chips_tables_and_the_token_view(app, dragon, browser):
+    from playwright.sync_api import expect
 
     labelled = re.compile(r"\d+:attn_heads:\d+:\d+ · \S")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(app[0])
-            page.get_by_role("button", name="dragon", exact=True).click()
-            chips = page.locator("#steering-codes .token")
-            expect(chips).to_have_count(len(dragon), timeout=30_000)
-            for i in range(len(dragon)):  # every chip: its code, then what it promotes
-                expect(chips.nth(i)).to_contain_text(labelled, timeout=10_000)
-                assert dragon[i] in chips.nth(i).inner_text()
-            # The search table has a label beside each code.
-            page.get_by_label("A word or regex").fill("dragon")
-            page.get_by_role("button", name="Search", exact=True).click()
-            table = page.locator(".table-wrap:visible")
-            cells = table.get_by_role("row").nth(1).get_by_role("gridcell")
-            expect(cells.first).to_contain_text(re.compile(r"\d+:attn_heads:"), timeout=30_000)
-            header = table.locator("thead th").all_inner_texts()
-            assert [h.strip() for h in header[:2]] == ["code", "promotes"], header
-            assert cells.nth(1).inner_text().strip()
-            # The token view: each code number with its label.
-            page.get_by_text("Sampling", exact=True).click()
-            page.get_by_label("New random seed each time").uncheck()
-            page.get_by_role("button", name="Generate", exact=True).click()
-            expect(page.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
-            page.get_by_role("button", name="Codes of this story →").nth(1).click()
-            expect(page.get_by_text(re.compile(r"^\d+ tokens\. Click one"))
-                   ).to_be_visible(timeout=30_000)
-            page.locator("[data-testid='highlighted-text'] .token").nth(3).click()
-            cells = page.locator(".table-wrap:visible").get_by_role("row").nth(1).get_by_role(
-                "gridcell")
-            expect(cells.first).to_be_visible(timeout=30_000)
-            codes_cell = cells.nth(3).inner_text()
-            assert re.search(r"\d+ \(\S[^)]*\)", codes_cell), codes_cell
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app[0])
+    page.get_by_role("button", name="dragon", exact=True).click()
+    chips = page.locator("#steering-codes .token")
+    expect(chips).to_have_count(len(dragon), timeout=30_000)
+    for i in range(len(dragon)):  # every chip: its code, then what it promotes
+        expect(chips.nth(i)).to_contain_text(labelled, timeout=10_000)
+        assert dragon[i] in chips.nth(i).inner_text()
+    # The search table has a label beside each code.
+    page.get_by_label("A word or regex").fill("dragon")
+    page.get_by_role("button", name="Search", exact=True).click()
+    table = page.locator(".table-wrap:visible")
+    cells = table.get_by_role("row").nth(1).get_by_role("gridcell")
+    expect(cells.first).to_contain_text(re.compile(r"\d+:attn_heads:"), timeout=30_000)
+    header = table.locator("thead th").all_inner_texts()
+    assert [h.strip() for h in header[:2]] == ["code", "promotes"], header
+    assert cells.nth(1).inner_text().strip()
+    # The token view: each code number with its label.
+    page.get_by_text("Sampling", exact=True).click()
+    page.get_by_label("New random seed each time").uncheck()
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
+    page.get_by_role("button", name="Codes of this story →").nth(1).click()
+    expect(page.get_by_text(re.compile(r"^\d+ tokens\. Click one"))
+           ).to_be_visible(timeout=30_000)
+    page.locator("[data-testid='highlighted-text'] .token").nth(3).click()
+    cells = page.locator(".table-wrap:visible").get_by_role("row").nth(1).get_by_role(
+        "gridcell")
+    expect(cells.first).to_be_visible(timeout=30_000)
+    codes_cell = cells.nth(3).inner_text()
+    assert re.search(r"\d+ \(\S[^)]*\)", codes_cell), codes_cell
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
-def test_a_share_link_opens_the_same_pair_of_stories_in_a_fresh_page(app):
-    from playwright.sync_api import expect, sync_playwright
+def test_a_share_link_opens_the_same_pair_of_stories_in_a_fresh_page(app, browser):
+    from playwright.sync_api import expect
 
     finished = re.compile(r"Seed \d+, temperature .*: \d+ and \d+ new tokens\.")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(app[0])
-            page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
-            page.get_by_role("button", name="dragon", exact=True).click()
-            expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
-            page.get_by_label("Strength").fill("3.5")
-            page.get_by_label("Strength").press("Enter")
-            # A fresh random seed (the link carries the one used), sampling at 0.8.
-            page.get_by_role("button", name="Generate", exact=True).click()
-            expect(page.get_by_text(finished)).to_be_visible(timeout=60_000)
-            stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
-            link = page.locator("#share-link textarea")
-            expect(link).to_have_value(re.compile(r"\?.*seed=\d+"), timeout=10_000)
-            shared = link.input_value()
-            assert "codes=" in shared and "strength=3.5" in shared and "temperature=0.8" in shared
-            assert page.url == shared  # the address bar is the share link too
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app[0])
+    page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
+    page.get_by_role("button", name="dragon", exact=True).click()
+    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    page.get_by_label("Strength").fill("3.5")
+    page.get_by_label("Strength").press("Enter")
+    # A fresh random seed (the link carries the one used), sampling at 0.8.
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.get_by_text(finished)).to_be_visible(timeout=60_000)
+    stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
+    link = page.locator("#share-link textarea")
+    expect(link).to_have_value(re.compile(r"\?.*seed=\d+"), timeout=10_000)
+    shared = link.input_value()
+    assert "codes=" in shared and "strength=3.5" in shared and "temperature=0.8" in shared
+    assert page.url == shared  # the address bar is the share link too
 
-            fresh = browser.new_context().new_page()  # nothing shared with the first page
-            fresh.goto(shared)
-            expect(fresh.get_by_text("Opened a share link")).to_be_visible(timeout=30_000)
-            expect(fresh.get_by_text(finished)).to_be_visible(timeout=60_000)
-            assert [fresh.locator(".story-text").nth(i).inner_text() for i in range(2)
-                    ] == stories
-            assert stories[0] != stories[1]  # the link kept the steering too
-            expect(fresh.locator("#steering-codes .token")).to_have_count(
-                shared.count("%3A") // 3)
+    fresh = browser.new_context().new_page()  # nothing shared with the first page
+    fresh.goto(shared)
+    expect(fresh.get_by_text("Opened a share link")).to_be_visible(timeout=30_000)
+    expect(fresh.get_by_text(finished)).to_be_visible(timeout=60_000)
+    assert [fresh.locator(".story-text").nth(i).inner_text() for i in range(2)
+            ] == stories
+    assert stories[0] != stories[1]  # the link kept the steering too
+    expect(fresh.locator("#steering-codes .token")).to_have_count(
+        shared.count("%3A") // 3)
 
-            bad = browser.new_page()
-            bad.goto(app[0] + "?strength=abc&seed=1")
-            expect(bad.get_by_text("the share link is not valid: strength must be a number")
-                   .first).to_be_visible(timeout=30_000)
-            expect(bad.locator(BADGE)).to_have_count(0)
-            expect(bad.locator(".story-text.empty")).to_have_count(2)
-        finally:
-            browser.close()
+    bad = browser.new_page()
+    bad.goto(app[0] + "?strength=abc&seed=1")
+    expect(bad.get_by_text("the share link is not valid: strength must be a number")
+           .first).to_be_visible(timeout=30_000)
+    expect(bad.locator(BADGE)).to_have_count(0)
+    expect(bad.locator(".story-text.empty")).to_have_count(2)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
-def test_a_visitor_blocks_codes_and_the_steered_story_changes(app):
-    from playwright.sync_api import expect, sync_playwright
+def test_a_visitor_blocks_codes_and_the_steered_story_changes(app, browser):
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(app[0])
-            page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
-            box = page.locator("#blocked-codes input")
-            chips = page.locator("#blocked-codes .token")
-            box.fill("9:attn_heads:0:1")  # refused where it is typed
-            box.press("Enter")
-            expect(page.get_by_text("Not blocked").first).to_be_visible(timeout=30_000)
-            expect(chips).to_have_count(0)
-            for code in range(28):  # most of one head's codes
-                box.fill(f"0:attn_heads:0:{code}")
-                box.press("Enter")
-            expect(chips).to_have_count(28, timeout=30_000)
-            expect(chips.first).to_contain_text(re.compile(r"0:attn_heads:0:0 · \S"))
-            page.get_by_text("Share: the steering set as JSON").click()
-            expect(page.locator("#steering-json textarea")).to_have_value(
-                re.compile(r'"block": \["0:attn_heads:0:0"'), timeout=10_000)
-            page.get_by_text("Sampling", exact=True).click()
-            page.get_by_label("New random seed each time").uncheck()
-            page.get_by_role("button", name="Generate", exact=True).click()
-            expect(page.get_by_text(re.compile(r"Seed 0, .*new tokens\."))
-                   ).to_be_visible(timeout=60_000)
-            stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
-            assert stories[0] != stories[1]  # only the steered side blocks
-            expect(page.locator("#share-link textarea")).to_have_value(
-                re.compile(r"block=0%3Aattn_heads%3A0%3A0"), timeout=10_000)
-            page.get_by_role("button", name="Clear steering").click()
-            expect(chips).to_have_count(0, timeout=10_000)
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app[0])
+    page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
+    box = page.locator("#blocked-codes input")
+    chips = page.locator("#blocked-codes .token")
+    box.fill("9:attn_heads:0:1")  # refused where it is typed
+    box.press("Enter")
+    expect(page.get_by_text("Not blocked").first).to_be_visible(timeout=30_000)
+    expect(chips).to_have_count(0)
+    for code in range(28):  # most of one head's codes
+        box.fill(f"0:attn_heads:0:{code}")
+        box.press("Enter")
+    expect(chips).to_have_count(28, timeout=30_000)
+    expect(chips.first).to_contain_text(re.compile(r"0:attn_heads:0:0 · \S"))
+    page.get_by_text("Share: the steering set as JSON").click()
+    expect(page.locator("#steering-json textarea")).to_have_value(
+        re.compile(r'"block": \["0:attn_heads:0:0"'), timeout=10_000)
+    page.get_by_text("Sampling", exact=True).click()
+    page.get_by_label("New random seed each time").uncheck()
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.get_by_text(re.compile(r"Seed 0, .*new tokens\."))
+           ).to_be_visible(timeout=60_000)
+    stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
+    assert stories[0] != stories[1]  # only the steered side blocks
+    expect(page.locator("#share-link textarea")).to_have_value(
+        re.compile(r"block=0%3Aattn_heads%3A0%3A0"), timeout=10_000)
+    page.get_by_role("button", name="Clear steering").click()
+    expect(chips).to_have_count(0, timeout=10_000)
 
 
 @pytest.fixture(scope="module")
@@ -1005,45 +970,39 @@ def slow_app(model_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
-def test_a_visitor_stops_a_generation_and_keeps_the_partial_stories(slow_app):
-    from playwright.sync_api import expect, sync_playwright
+def test_a_visitor_stops_a_generation_and_keeps_the_partial_stories(slow_app, browser):
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(slow_app[0])
-            page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
-            page.get_by_role("button", name="dragon", exact=True).click()
-            expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
-            # A fixed seed: with a fresh random one a story may end early, the pair with it.
-            page.get_by_text("Sampling", exact=True).click()
-            page.get_by_label("New random seed each time").uncheck()
-            generate = page.get_by_role("button", name="Generate", exact=True)
-            stop = page.get_by_role("button", name="Stop", exact=True)
-            expect(stop).to_be_hidden()
-            generate.click()  # 48 tokens a side at 0.15 s a step: about 7 s
-            expect(stop).to_be_visible(timeout=10_000)
-            expect(generate).to_be_disabled()
-            expect(page.get_by_text("Writing:")).to_be_visible(timeout=30_000)
-            stop.click()
-            expect(page.get_by_text("Stopped")).to_be_visible(timeout=10_000)
-            expect(page.locator(BADGE)).to_have_count(0)
-            expect(generate).to_be_enabled()
-            expect(stop).to_be_hidden()
-            stories = page.locator(".story-text")
-            partial = [stories.nth(i).inner_text() for i in range(2)]
-            assert all(s.startswith(PROMPT) and len(s) > len(PROMPT) for s in partial)
-            time.sleep(3)  # the rest of the 7 s: the stories do not grow
-            assert [stories.nth(i).inner_text() for i in range(2)] == partial
-            expect(page.get_by_text("Stopped")).to_be_visible()
-            finished = page.get_by_text(re.compile(r"Seed 0, temperature .*: "
-                                                   r"\d+ and \d+ new tokens\."))
-            assert finished.count() == 0  # the stopped generation never finished
-            generate.click()  # and a new generation runs to its end
-            expect(finished).to_be_visible(timeout=60_000)
-            expect(stop).to_be_hidden()
-            expect(generate).to_be_enabled()
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(slow_app[0])
+    page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
+    page.get_by_role("button", name="dragon", exact=True).click()
+    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    # A fixed seed: with a fresh random one a story may end early, the pair with it.
+    page.get_by_text("Sampling", exact=True).click()
+    page.get_by_label("New random seed each time").uncheck()
+    generate = page.get_by_role("button", name="Generate", exact=True)
+    stop = page.get_by_role("button", name="Stop", exact=True)
+    expect(stop).to_be_hidden()
+    generate.click()  # 48 tokens a side at 0.15 s a step: about 7 s
+    expect(stop).to_be_visible(timeout=10_000)
+    expect(generate).to_be_disabled()
+    expect(page.get_by_text("Writing:")).to_be_visible(timeout=30_000)
+    stop.click()
+    expect(page.get_by_text("Stopped")).to_be_visible(timeout=10_000)
+    expect(page.locator(BADGE)).to_have_count(0)
+    expect(generate).to_be_enabled()
+    expect(stop).to_be_hidden()
+    stories = page.locator(".story-text")
+    partial = [stories.nth(i).inner_text() for i in range(2)]
+    assert all(s.startswith(PROMPT) and len(s) > len(PROMPT) for s in partial)
+    time.sleep(3)  # the rest of the 7 s: the stories do not grow
+    assert [stories.nth(i).inner_text() for i in range(2)] == partial
+    expect(page.get_by_text("Stopped")).to_be_visible()
+    finished = page.get_by_text(re.compile(r"Seed 0, temperature .*: "
+                                           r"\d+ and \d+ new tokens\."))
+    assert finished.count() == 0  # the stopped generation never finished
+    generate.click()  # and a new generation runs to its end
+    expect(finished).to_be_visible(timeout=60_000)
+    expect(stop).to_be_hidden()
+    expect(generate).to_be_enabled()
