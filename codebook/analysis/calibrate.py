@@ -131,8 +131,8 @@ def calibrate(
     sampling = dict(prompts=prompts, samples_per_prompt=samples_per_prompt,
                     max_new_tokens=max_new_tokens, temperature=temperature)
     trials, tried = [], set()
-    with tqdm(total=len(prompts) * (1 + len(settings) + (1 + finalists if finalists else 0)),
-              desc=f"calibrate /{regex}/", unit="batch", disable=not progress) as bar:
+    with tqdm(total=len(prompts) * (1 + len(settings)), desc=f"calibrate /{regex}/",
+              unit="batch", disable=not progress) as bar:
         baseline_run = sample_prompts(model, None, bar=bar, seed=seed, **sampling)
         baseline = summarize(baseline_run, pattern, prompts)
         for layers, n, strength, mode in settings:
@@ -148,24 +148,24 @@ def calibrate(
             steering = Steering(codes, strength=strength, mode=mode)
             run = sample_prompts(model, steering, bar=bar, seed=seed, **sampling)
             trials.append({"layers": layers, "num_codes": len(codes), "strength": strength,
-                           "mode": mode, **_figures(run, baseline_run, pattern, prompts),
+                           "mode": mode, **_figures(run, baseline, pattern, prompts),
                            "steering": steering, "run": run})
         distinct_floor = min_distinct * (baseline["distinct_2"] or 0.0)
         ranked_trials = sorted(
             (i for i, t in enumerate(trials)
              if _within(t, max_fluency + FINALIST_SLACK, distinct_floor)),
             key=lambda i: -trials[i]["rate"])[:finalists]
-        bar.total = len(prompts) * (1 + len(settings) + (1 + len(ranked_trials)
-                                                          if ranked_trials else 0))
-        bar.refresh()
         if ranked_trials:
+            bar.total += len(prompts) * (1 + len(ranked_trials))
+            bar.refresh()
             second_baseline = sample_prompts(model, None, bar=bar, seed=seed + 1, **sampling)
-            baseline_run = merge_runs(baseline_run, second_baseline)
+            both_baseline = summarize(merge_runs(baseline_run, second_baseline), pattern,
+                                      prompts)
         for i in ranked_trials:
             trial = trials[i]
             run = merge_runs(trial["run"], sample_prompts(model, trial["steering"], bar=bar,
                                                           seed=seed + 1, **sampling))
-            trial["both_rounds"] = _figures(run, baseline_run, pattern, prompts)
+            trial["both_rounds"] = _figures(run, both_baseline, pattern, prompts)
     for trial in trials:
         del trial["run"]
     final = [i for i in ranked_trials
@@ -193,11 +193,10 @@ def calibrate(
     return Calibration(steering, trials, chosen, baseline["rate"], record)
 
 
-def _figures(run: dict, baseline_run: dict, pattern, prompts) -> dict:
-    """Rate, fluency ratio and distinct-2 of a steered run against an unsteered one."""
+def _figures(run: dict, baseline: dict, pattern, prompts) -> dict:
+    """Rate, fluency ratio and distinct-2 of a steered run against the unsteered summary."""
     steered = summarize(run, pattern, prompts)
-    return {"rate": steered["rate"],
-            "fluency_ratio": fluency_ratio(steered, summarize(baseline_run, pattern, prompts)),
+    return {"rate": steered["rate"], "fluency_ratio": fluency_ratio(steered, baseline),
             "distinct_2": steered["distinct_2"]}
 
 
