@@ -109,8 +109,7 @@ def cached_file_sizes(repo_id: str, revision: str | None = None) -> dict[str, in
         folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         return None
-    return {p.relative_to(folder).as_posix(): p.stat().st_size
-            for p in folder.rglob("*") if p.is_file()}
+    return hub.snapshot_file_sizes(folder)
 
 
 def _is_cached(repo_id: str, filename: str, commit: str | None) -> bool:

@@ -164,13 +164,14 @@ def _bounded_download(repo_id: str, revision: str | None, token, allow_patterns,
         # Download exactly the commit that was measured (a push in between changes nothing).
         pinned = commits.pop() if len(commits) == 1 else revision
         path = snapshot_download(repo_id, revision=pinned, **options)
-    _check_size(_matching_files(Path(path), allow_patterns), max_bytes, what)
+    _check_size(snapshot_file_sizes(Path(path), allow_patterns), max_bytes, what)
     return path
 
 
-def _matching_files(folder: Path, allow_patterns) -> dict[str, int]:
+def snapshot_file_sizes(folder: Path, allow_patterns=None) -> dict[str, int]:
     """``{relative path: size}`` of the files in a snapshot folder matching ``allow_patterns``
-    (snapshot files are links into the cache's blobs: their targets' sizes)."""
+    (all of them by default; snapshot files are links into the cache's blobs: their targets'
+    sizes)."""
     from huggingface_hub.utils import filter_repo_objects
 
     files = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
