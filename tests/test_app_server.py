@@ -678,7 +678,7 @@ def test_a_visitor_typing_a_bad_value_is_told_and_nothing_changes(app, browser):
     share.click()
     shared = page.locator("#steering-json textarea")
     expect(shared).to_have_value(re.compile(r'"strength": 4(\.0)?,'), timeout=10_000)
-    strength = page.get_by_label("Strength")
+    strength = page.get_by_label("Strength", exact=True)
     strength.fill("-50")
     strength.press("Enter")
     expect(page.get_by_text("strength must be between -10 and 10, got -50").first
@@ -784,7 +784,7 @@ def test_failed_actions_are_told_in_status_lines_with_no_error_badge_over_contro
     no_badge_anywhere(page)
     page.get_by_role("tab", name="Steer").click()
     for label in ("Strength", "Prompt: the beginning of a story"):
-        box = page.get_by_label(label)
+        box = page.get_by_label(label, exact=True)
         expect(box).to_be_visible()
         box.click()  # nothing lies over it
     page.get_by_role("button", name="Generate", exact=True).click(trial=True)
@@ -897,8 +897,8 @@ def test_a_share_link_opens_the_same_pair_of_stories_in_a_fresh_page(app, browse
     page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
     page.get_by_role("button", name="dragon", exact=True).click()
     expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
-    page.get_by_label("Strength").fill("3.5")
-    page.get_by_label("Strength").press("Enter")
+    page.get_by_label("Strength", exact=True).fill("3.5")
+    page.get_by_label("Strength", exact=True).press("Enter")
     # A fresh random seed (the link carries the one used), sampling at 0.8.
     page.get_by_role("button", name="Generate", exact=True).click()
     expect(page.get_by_text(finished)).to_be_visible(timeout=60_000)
