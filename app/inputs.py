@@ -3,12 +3,14 @@ raises :class:`InputError` with a message that names the field and what is wrong
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import secrets
 
 from app.models import LoadedModel
 from codebook.analysis.regex import compile_regex
-from codebook.steering import MODES, POSITIONS, Steering, layer_steerings
+from codebook.steering import MODES, POSITIONS, CodeRef, Steering, layer_steerings
 
 MAX_SEED = 2**32 - 1
 MAX_TEMPERATURE = 2.0
@@ -134,6 +136,55 @@ def code_list(value) -> list[str]:
     return [code for code in value if code.strip()]
 
 
+STRENGTHS_FIELD = "per-code strengths"
+STRENGTHS_EXAMPLE = "3:attn_heads:2:117=2.5"
+
+
+def code_strengths(value) -> dict[str, float]:
+    """Per-code strengths as typed in their box: ``CODE=STRENGTH`` entries separated by commas
+    (or new lines), e.g. ``3:attn_heads:2:117=2.5, 3:attn_heads:2:40=-1``; from an API client
+    also an object ``{code: strength}``. Each code is written ``LAYER:SITE:HEAD:CODE`` once,
+    each strength is in :data:`STRENGTH_RANGE` (the set's strength's range). Whether the codes
+    are in the steering set is :func:`steering`'s check."""
+    field = STRENGTHS_FIELD
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        entries = list(value.items())
+    elif isinstance(value, str):
+        entries = []
+        for entry in re.split(r"[,;\n]", value):
+            if not entry.strip():
+                continue
+            code, equals, given = entry.partition("=")
+            if not equals or not code.strip() or not given.strip():
+                raise InputError(f"{field}: write CODE=STRENGTH, e.g. {STRENGTHS_EXAMPLE}, got "
+                                 f"{entry.strip()!r}")
+            entries.append((code, given.strip()))
+    else:
+        raise InputError(f"{field} must be text such as {STRENGTHS_EXAMPLE}, got {value!r}")
+    result: dict[str, float] = {}
+    for code, given in entries:
+        try:
+            name = str(CodeRef.parse(str(code)))
+        except ValueError as err:
+            raise InputError(f"{field}: {err}") from None
+        if name in result:
+            raise InputError(f"{field}: {name} is given twice")
+        try:
+            result[name] = number(given, f"the strength of {name}", *STRENGTH_RANGE)
+        except InputError as err:
+            raise InputError(f"{field}: {err}") from None
+    if len(result) > MAX_CODES:
+        raise InputError(f"{len(result)} {field}; the limit is {MAX_CODES}")
+    return result
+
+
+def code_strengths_text(strengths) -> str:
+    """Per-code strengths as their box shows them: ``3:attn_heads:2:117=2.5, ...``."""
+    return ", ".join(f"{code}={shown_number(value)}" for code, value in strengths.items())
+
+
 def regex(pattern, field: str = "regex") -> str:
     """A regular expression that compiles, of reasonable length."""
     if not text(pattern, f"the {field}").strip():
@@ -150,17 +201,19 @@ def regex(pattern, field: str = "regex") -> str:
 
 
 def steering(loaded: LoadedModel, codes, strength_value, mode, positions,
-             block=None) -> Steering | None:
+             block=None, strengths=None) -> Steering | None:
     """The steering set as a :class:`Steering` checked against the model (every code exists, at
     most ``k`` per head, none both forced and blocked), or ``None`` when no code is forced or
     blocked; strength, mode and positions are checked either way. ``block``: codes that may
-    never be chosen (a list, or one comma-separated string)."""
+    never be chosen (a list, or one comma-separated string). ``strengths``: a strength of their
+    own for some forced codes (:func:`code_strengths`; the others have ``strength_value``)."""
     codes = code_list(codes)
     block = code_list(block)
     mode = choice(mode, "mode", MODES)
     positions = choice(positions, "positions", POSITIONS)
     strength_value = strength(strength_value)
-    if not codes and not block:
+    strengths = code_strengths(strengths)
+    if not codes and not block and not strengths:
         return None
     if len(codes) > MAX_CODES:
         raise InputError(f"{len(codes)} codes in the steering set; the limit is {MAX_CODES}")
@@ -172,7 +225,16 @@ def steering(loaded: LoadedModel, codes, strength_value, mode, positions,
         layer_steerings(result, loaded.model.codebook_layers())  # raises naming a bad code
     except ValueError as err:
         raise InputError(str(err)) from None
-    return result
+    forced = {str(code) for code in result.codes}
+    for code in strengths:
+        if code not in forced:
+            try:  # a code the model does not have is named as such
+                layer_steerings(Steering(codes=[code]), loaded.model.codebook_layers())
+            except ValueError as err:
+                raise InputError(f"{STRENGTHS_FIELD}: {err}") from None
+            raise InputError(f"{STRENGTHS_FIELD}: {code} is not among the codes switched on: "
+                             "switch it on, or remove its strength")
+    return dataclasses.replace(result, code_strengths=strengths) if strengths else result
 
 
 def steering_json(loaded: LoadedModel, shared) -> Steering:
@@ -186,12 +248,9 @@ def steering_json(loaded: LoadedModel, shared) -> Steering:
         parsed = Steering.from_json(shared)
     except (ValueError, TypeError) as err:
         raise InputError(f"cannot read the steering JSON: {err}") from None
-    if parsed.code_strengths:
-        raise InputError("the steering JSON gives some codes a strength of their own "
-                         "(code_strengths), which this app cannot show yet: remove them to "
-                         "steer every code at the set's strength")
     result = steering(loaded, [str(c) for c in parsed.codes], parsed.strength, parsed.mode,
-                      parsed.positions, [str(c) for c in parsed.block])
+                      parsed.positions, [str(c) for c in parsed.block],
+                      {str(c): value for c, value in parsed.code_strengths.items()})
     if result is None:
         raise InputError("the steering JSON has no codes, forced or blocked")
     return result

@@ -103,7 +103,7 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
         link_outputs = [*model_outputs, model_tab.name, steer_tab.prompt, steer_tab.strength,
                         steer_tab.mode, steer_tab.positions, steer_tab.seed, steer_tab.random_seed,
                         steer_tab.temperature, steer_tab.max_tokens, steer_tab.highlight,
-                        steer_tab.status, steer_tab.blocked, opened]
+                        steer_tab.status, steer_tab.blocked, steer_tab.code_strengths, opened]
 
         def open_link(request: gr.Request):
             link = steer.read_link(dict(request.query_params), settings.max_new_tokens)
@@ -116,8 +116,8 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
                 name = shown[0]
             loaded = ctx.model(name)
             try:
-                inputs.steering(loaded, link.codes, link.strength, link.mode, link.positions,
-                                link.block)
+                steering = inputs.steering(loaded, link.codes, link.strength, link.mode,
+                                           link.positions, link.block, link.code_strengths)
             except inputs.InputError as err:
                 raise inputs.InputError(f"the share link's steering set: {err}") from None
             shown[model_outputs.index(steer_tab.codes)] = steer.chips(link.codes)
@@ -125,7 +125,7 @@ def build_demo(registry: ModelRegistry, settings: Settings, workdir: Path) -> gr
                     f"`{loaded.label}`. Writing its pair of stories…")
             return [*shown, loaded.label, link.prompt, link.strength, link.mode, link.positions,
                     link.seed, False, link.temperature, link.max_tokens, link.highlight, note,
-                    steer.chips(link.block), True]
+                    steer.chips(link.block), steer.strengths_text(steering), True]
 
         demo.load(reported(open_link, len(link_outputs), link_outputs.index(steer_tab.status)),
                   None, link_outputs, api_visibility="private", show_progress="hidden").then(

@@ -27,6 +27,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from codebook.steering import Steering
 from tests.test_app_units import build_app_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,6 +219,10 @@ def test_every_endpoint_returns_what_view_api_declares(app, dragon):
     parameters = client.view_api(print_info=False, return_format="dict")[
         "named_endpoints"]["/generate"]["parameters"]
     assert parameters[1]["python_type"]["type"] == "list[str]"
+    # The optional last argument, the per-code strengths, says how to write them.
+    assert parameters[-1]["parameter_name"] == "code_strengths_now"
+    assert parameters[-1]["parameter_has_default"]  # older calls still work
+    assert "CODE=STRENGTH" in parameters[-1]["type"]["description"]
 
 
 def test_negative_strength_steers_and_the_controls_have_the_ranges_the_server_runs(client,
@@ -317,18 +322,74 @@ def test_the_token_view_lists_each_tokens_codes(client):
 def test_the_steering_set_imports_from_json(client, dragon):
     shared = json.dumps({"codes": dragon[:2], "strength": 2.5, "mode": "replace",
                          "positions": "generated"})
-    chips, strength, mode, positions, status, blocked = client.predict(
+    chips, strength, mode, positions, status, blocked, own = client.predict(
         shared, api_name="/import_steering")
-    assert (chips, strength, mode, positions, blocked) == (dragon[:2], 2.5, "replace",
-                                                           "generated", [])
+    assert (chips, strength, mode, positions, blocked, own) == (dragon[:2], 2.5, "replace",
+                                                                "generated", [], "")
     assert "2 codes" in status
     # Blocked codes come in too (the app refused them before).
     shared = json.dumps({"codes": dragon[:1], "block": ["0:attn_heads:1:5", "1:attn_heads:0:2"]})
-    *_, status, blocked = client.predict(shared, api_name="/import_steering")
+    *_, status, blocked, _ = client.predict(shared, api_name="/import_steering")
     assert blocked == ["0:attn_heads:1:5", "1:attn_heads:0:2"] and "2 blocked" in status
     with pytest.raises(AppError, match="both forced and blocked"):
         client.predict(json.dumps({"codes": dragon[:1], "block": dragon[:1]}),
                        api_name="/import_steering")
+    # And per-code strengths (the app refused them before): into their box, as generation
+    # takes them back.
+    shared = json.dumps({"codes": dragon[:2], "strength": 2,
+                         "code_strengths": {dragon[1]: -1.5}})
+    chips, strength, *_, status, _, own = client.predict(shared, api_name="/import_steering")
+    assert (chips, strength, own) == (dragon[:2], 2, f"{dragon[1]}=-1.5")
+    assert "1 with a strength of its own" in status
+    result = client.submit(PROMPT, chips, strength, "add", "all", 0, False, 0.0, 4, "", [], own,
+                           api_name="/generate").result()[4]
+    assert result["steering"]["code_strengths"] == {dragon[1]: -1.5}
+    with pytest.raises(AppError, match="per-code strengths: the strength of .* got 12"):
+        client.predict(json.dumps({"codes": dragon[:1], "code_strengths": {dragon[0]: 12}}),
+                       api_name="/import_steering")
+
+
+def test_a_per_code_strength_changes_the_steered_story_as_the_library_writes_it(client, dragon,
+                                                                                model_dir):
+    """The dragon set with two codes steering away (strength -4 of their own) writes another
+    steered story than the set without, the unsteered one unchanged, and the library's greedy
+    generate with that Steering writes the same."""
+    import torch
+
+    from app.generation import continuation_text
+    from app.models import load
+    from codebook.text import encode_document
+
+    own = f"{dragon[0]}=-4, {dragon[1]}=-4"
+    plain = texts(generate(client, codes=dragon, max_tokens=24))
+    result = client.submit(PROMPT, dragon, 4.0, "add", "all", 0, False, 0.0, 24, "", [], own,
+                           api_name="/generate").result()[4]
+    assert result["unsteered"] == plain["unsteered"] and result["steered"] != plain["steered"]
+    assert result["steering"]["code_strengths"] == {dragon[0]: -4.0, dragon[1]: -4.0}
+    loaded = load(str(model_dir))
+    steering = Steering(dragon, strength=4.0, code_strengths={dragon[0]: -4, dragon[1]: -4})
+    ids = encode_document(loaded.tokenizer, PROMPT)
+    out = loaded.model.generate(torch.tensor([ids]), steering=steering, max_new_tokens=24,
+                                do_sample=False, eos_token_id=None)
+    # The app stops a side at the end of the story; generate (told not to stop) goes on.
+    assert continuation_text(loaded, ids, out[0, len(ids):].tolist()).startswith(
+        result["steered"])
+
+
+@pytest.mark.parametrize("typed, message", [
+    ("0:attn_heads:0:1", "per-code strengths: write CODE=STRENGTH"),
+    ("0:attn_heads:0:1=99", "per-code strengths: the strength of 0:attn_heads:0:1 must be "
+                            "between -10 and 10, got 99"),
+    ("0:attn_heads:0:2=2", "per-code strengths: 0:attn_heads:0:2 is not among the codes "
+                           "switched on"),
+    ("9:attn_heads:0:1=2", "per-code strengths: code 9:attn_heads:0:1: there is no codebook"),
+    (7, "per-code strengths must be text"),
+])
+def test_bad_per_code_strengths_are_refused_naming_the_argument(client, typed, message):
+    with pytest.raises(AppError) as raised:
+        client.submit(PROMPT, ["0:attn_heads:0:1"], 1.0, "add", "all", 0, False, 0.0, 4, "", [],
+                      typed, api_name="/generate").result()
+    assert message in str(raised.value)
 
 
 def test_blocked_codes_are_never_chosen_and_change_the_steered_story(client):
@@ -477,9 +538,10 @@ def test_bad_generation_inputs_give_a_visible_error(client, change, message):
 
 @pytest.mark.parametrize("position, value, message", NOT_FINITE)
 def test_nan_and_infinity_give_a_visible_error(app, position, value, message):
-    # A raw call sends every argument, the blocked codes (the last) included.
+    # A raw call sends every argument, the blocked codes and per-code strengths (the last)
+    # included.
     data = [json.dumps(v) for v in (PROMPT, ["0:attn_heads:0:1"], 1.0, "add", "all", 0, False,
-                                    1.0, 8, "", [])]
+                                    1.0, 8, "", [], "")]
     data[position] = value
     url = app[0] + "gradio_api/call/generate"
     call = httpx.post(url, content='{"data": [' + ", ".join(data) + "]}",
@@ -961,6 +1023,66 @@ def test_a_visitor_blocks_codes_and_the_steered_story_changes(app, browser):
         re.compile(r"block=0%3Aattn_heads%3A0%3A0"), timeout=10_000)
     page.get_by_role("button", name="Clear steering").click()
     expect(chips).to_have_count(0, timeout=10_000)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_a_visitor_gives_codes_a_strength_of_their_own_and_the_share_link_keeps_it(app, dragon,
+                                                                                   browser):
+    from playwright.sync_api import expect
+
+    finished = re.compile(r"Seed 0, temperature .*: \d+ and \d+ new tokens\.")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app[0])
+    page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
+    page.get_by_role("button", name="dragon", exact=True).click()
+    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    box = page.locator("#code-strengths textarea")
+    for bad, problem in (("9:attn_heads:0:1=2", "no codebook at layer 9"),
+                         (f"{dragon[0]}=12", "must be between -10 and 10, got 12")):
+        box.fill(bad)  # refused where it is typed, the box as it was
+        box.press("Enter")
+        expect(page.get_by_text(re.compile(f"Not changed.*{problem}")).first
+               ).to_be_visible(timeout=30_000)
+        expect(box).to_have_value("", timeout=10_000)
+    own = f"{dragon[0]}=-4, {dragon[1]}=-4"
+    box.fill(f" {dragon[0]} = -4.0,{dragon[1]}=-4")
+    box.press("Enter")
+    expect(box).to_have_value(own, timeout=30_000)  # written as generation reads it
+    page.get_by_text("Share: the steering set as JSON").click()
+    expect(page.locator("#steering-json textarea")).to_have_value(
+        re.compile(r'"code_strengths": \{"' + re.escape(dragon[0]) + r'": -4\.0, "'),
+        timeout=10_000)
+    page.get_by_text("Sampling", exact=True).click()
+    page.get_by_label("New random seed each time").uncheck()
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.get_by_text(finished)).to_be_visible(timeout=60_000)
+    stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
+    link = page.locator("#share-link textarea")
+    expect(link).to_have_value(re.compile(r"code_strengths=\d"), timeout=10_000)
+    shared = link.input_value()
+
+    fresh = browser.new_context().new_page()  # the link alone reproduces the pair
+    fresh.goto(shared)
+    expect(fresh.get_by_text("Opened a share link")).to_be_visible(timeout=90_000)
+    expect(fresh.get_by_text(finished)).to_be_visible(timeout=60_000)
+    assert [fresh.locator(".story-text").nth(i).inner_text() for i in range(2)] == stories
+    expect(fresh.locator("#code-strengths textarea")).to_have_value(own)
+
+    # Without the strengths the same set writes another steered story; Clear empties the box.
+    box.fill("")
+    box.press("Enter")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator(".story-text").nth(1)).not_to_have_text(stories[1], timeout=60_000)
+    expect(page.get_by_role("button", name="Generate", exact=True)
+           ).to_be_enabled(timeout=60_000)  # written to the end
+    again = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
+    assert again[0] == stories[0] and again[1] != stories[1]
+    box.fill(own)
+    box.press("Enter")
+    page.get_by_role("button", name="Clear steering").click()
+    expect(page.get_by_text("Steering cleared")).to_be_visible(timeout=30_000)
+    expect(box).to_have_value("", timeout=10_000)
 
 
 @pytest.fixture(scope="module")

@@ -268,7 +268,10 @@ def test_steering_json_round_trips_and_bad_json_is_named(loaded, dragon):
                            "both forced and blocked"),
                           ('{"codes": ["0:attn_heads:0:1"], "colour": "red"}', "unknown"),
                           ('{"codes": ["0:attn_heads:0:1"], "code_strengths": '
-                           '{"0:attn_heads:0:1": 3}}', "a strength of their own")]:
+                           '{"0:attn_heads:0:1": 30}}', "per-code strengths: the strength of "
+                           "0:attn_heads:0:1 must be between -10 and 10, got 30"),
+                          ('{"codes": ["0:attn_heads:0:1"], "code_strengths": '
+                           '{"0:attn_heads:0:2": 3}}', "0:attn_heads:0:2, which is not a forced")]:
         with pytest.raises(InputError, match=problem):
             inputs.steering_json(loaded, text)
     assert inputs.steering(loaded, [], 1.0, "add", "all") is None
@@ -298,6 +301,86 @@ def test_greedy_side_by_side_equals_generate_with_and_without_steering(loaded, d
     assert unsteered == plain[0, len(ids):len(ids) + len(unsteered)].tolist()
     assert steered == forced[0, len(ids):len(ids) + len(steered)].tolist()
     assert unsteered != steered
+
+
+def test_a_pasted_set_with_per_code_strengths_round_trips(loaded, dragon):
+    from app.tabs import steer
+
+    own = Steering(dragon.codes, strength=dragon.strength, mode=dragon.mode,
+                   code_strengths={dragon.codes[0]: -2.5, dragon.codes[2]: 1.5})
+    imported = inputs.steering_json(loaded, own.to_json())
+    assert imported == own
+    text = steer.strengths_text(imported)
+    assert text == f"{dragon.codes[0]}=-2.5, {dragon.codes[2]}=1.5"
+    # The box's text is what generation and the shared JSON read back.
+    codes = [str(c) for c in dragon.codes]
+    assert inputs.steering(loaded, codes, dragon.strength, dragon.mode, "all", [], text) == own
+    shared = json.loads(steer.synced_json(codes, dragon.strength, dragon.mode, "all", [], text))
+    assert Steering.from_dict({**shared, "block": []}) == own
+    assert shared["code_strengths"] == {str(dragon.codes[0]): -2.5, str(dragon.codes[2]): 1.5}
+    assert "code_strengths" not in json.loads(steer.synced_json(codes, 1, "add", "all", [], ""))
+
+
+@pytest.mark.parametrize("typed, problem", [
+    ("0:attn_heads:0:1", "write CODE=STRENGTH, e.g. 3:attn_heads:2:117=2.5, got "
+                         "'0:attn_heads:0:1'"),
+    ("0:attn_heads:0:1=", "write CODE=STRENGTH"),
+    ("dragon=2", "cannot parse code 'dragon'"),
+    ("0:attn_heads:0:1=11", "the strength of 0:attn_heads:0:1 must be between -10 and 10, "
+                            "got 11"),
+    ("0:attn_heads:0:1=-10.5", "must be between -10 and 10, got -10.5"),
+    ("0:attn_heads:0:1=strong", "the strength of 0:attn_heads:0:1 must be a number, got "
+                                "'strong'"),
+    ("0:attn_heads:0:1=nan", "must be a finite number"),
+    ("0:attn_heads:0:1=1, L0.attn_heads.H0.C1=2", "0:attn_heads:0:1 is given twice"),
+    ("0:attn_heads:0:2=2", "0:attn_heads:0:2 is not among the codes switched on"),
+    ("9:attn_heads:0:1=2", "code 9:attn_heads:0:1: there is no codebook at layer 9"),
+    ("0:attn_heads:0:99=2", r"code id must be in \[0, 32\)"),
+    (5, "per-code strengths must be text such as 3:attn_heads:2:117=2.5, got 5"),
+])
+def test_per_code_strengths_are_checked_and_a_bad_one_is_named(loaded, typed, problem):
+    with pytest.raises(InputError, match="per-code strengths") as raised:
+        inputs.steering(loaded, ["0:attn_heads:0:1", "1:attn_heads:3:30"], 1.0, "add", "all",
+                        [], typed)
+    assert raised.match(problem)
+
+
+def test_per_code_strengths_parse_to_canonical_codes_and_only_forced_codes_take_them(loaded):
+    import gradio as gr
+
+    from app.tabs import steer
+
+    typed = "0:attn_heads:0:1=2.5,\n L1.attn_heads.H3.C30 = -1 ,"
+    assert inputs.code_strengths(typed) == {"0:attn_heads:0:1": 2.5, "1:attn_heads:3:30": -1.0}
+    assert inputs.code_strengths({"0:attn_heads:0:1": 3}) == {"0:attn_heads:0:1": 3.0}
+    assert inputs.code_strengths("") == inputs.code_strengths(None) == {}
+    steering = inputs.steering(loaded, ["0:attn_heads:0:1", "1:attn_heads:3:30"], 1.0, "add",
+                               "all", [], typed)
+    assert steering.code_strengths == {CodeRef(0, "attn_heads", 0, 1): 2.5,
+                                       CodeRef(1, "attn_heads", 3, 30): -1.0}
+    with pytest.raises(InputError, match="not among the codes switched on"):
+        inputs.steering(loaded, [], 1.0, "add", "all", [], "0:attn_heads:0:1=2")
+    with pytest.raises(InputError, match="not among the codes switched on"):  # blocked
+        inputs.steering(loaded, [], 1.0, "add", "all", ["0:attn_heads:0:1"], "0:attn_heads:0:1=2")
+    # A code taken off the set loses its strength; the shared JSON waits for a set that runs.
+    assert steer.strengths_kept(typed, ["1:attn_heads:3:30"]) == "1:attn_heads:3:30=-1"
+    assert steer.strengths_kept(typed, ["0:attn_heads:0:1", "1:attn_heads:3:30"]) is None
+    assert steer.strengths_kept("0:attn_heads:0:1=", []) is None  # being typed: left alone
+    assert steer.synced_json(["1:attn_heads:3:30"], 1.0, "add", "all", [], typed) == gr.skip()
+
+
+def test_a_per_code_strength_changes_the_seeded_story_as_the_library_samples_it(loaded, dragon):
+    """The steering the app builds from the per-code strengths box samples what the library's
+    generate samples with that Steering, seeded alike, and not what the set without it does."""
+    codes = [str(c) for c in dragon.codes]
+    own = inputs.steering(loaded, codes, dragon.strength, dragon.mode, "all", [],
+                          f"{codes[0]}=-4, {codes[1]}=-4")
+    assert own.code_strengths and own.codes == dragon.codes
+    ids = encode_document(loaded.tokenizer, "a dog sat")
+    _, steered = last(side_by_side(loaded, ids, own, 1234, 1.0, 30))
+    _, without = last(side_by_side(loaded, ids, dragon, 1234, 1.0, 30))
+    assert steered == sample(loaded.model, ids, 1, 30, 1.0, 1234, own)[0][:len(steered)]
+    assert steered != without
 
 
 def test_sampling_with_a_seed_is_the_cli_protocol_and_differs_only_by_steering(loaded, dragon):
@@ -777,17 +860,22 @@ def test_a_share_link_round_trips_and_a_bad_one_names_the_parameter():
 
     query = steer.link_query("someone/tiny-app", "the cat, & the dog", ["0:attn_heads:0:1",
                              "1:attn_heads:3:30"], -2.5, "replace", "generated", 77, 1.0, 12,
-                             "dragon|cave")
+                             "dragon|cave", ["0:attn_heads:1:2"], {"1:attn_heads:3:30": 4.5})
     link = steer.read_link(dict(urllib.parse.parse_qsl(query)), 48)
     assert link == steer.Link("someone/tiny-app", "the cat, & the dog", 77,
                               ["0:attn_heads:0:1", "1:attn_heads:3:30"], -2.5, "replace",
-                              "generated", 1.0, 12, "dragon|cave")
+                              "generated", 1.0, 12, "dragon|cave", ["0:attn_heads:1:2"],
+                              {"1:attn_heads:3:30": 4.5})
+    assert "code_strengths" not in steer.link_query("m", "p", ["0:attn_heads:0:1"], 1, "add",
+                                                    "all", 0, 1.0, 12, "")
     assert steer.read_link({"__theme": "dark"}, 48) is None  # not a share link
     for bad, message in (({"seed": "x"}, "seed must be a number"),
                          ({"strength": "99"}, "strength must be between -10 and 10"),
                          ({"codes": "abc"}, "cannot parse code"),
                          ({"max_tokens": "49"}, "max new tokens must be between 1 and 48"),
-                         ({"mode": "sideways"}, "mode must be one of")):
+                         ({"mode": "sideways"}, "mode must be one of"),
+                         ({"code_strengths": "0:attn_heads:0:1=99"},
+                          "per-code strengths: the strength of 0:attn_heads:0:1 must be")):
         with pytest.raises(InputError, match=f"the share link is not valid: {message}"):
             steer.read_link(bad, 48)
 

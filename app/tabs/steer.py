@@ -1,14 +1,16 @@
 """The Steer tab, the first thing a visitor sees: a prompt, topic presets, a steering set of codes
-(removable chips, strength, mode, positions, shareable as JSON), a topic search that finds codes
-for any word, and the unsteered and steered continuations streamed side by side (a Stop button
-ends a generation and keeps what it wrote). Topic chips toggle: each selected chip adds its
-preset's codes to the set, and the last one clicked sets strength, mode and positions.
+(removable chips, blocked codes, strength, per-code strengths, mode, positions, shareable as
+JSON), a topic search that finds codes for any word, and the unsteered and steered continuations
+streamed side by side (a Stop button ends a generation and keeps what it wrote). Topic chips
+toggle: each selected chip adds its preset's codes to the set, and the last one clicked sets
+strength, mode and positions.
 
 What a visitor types is checked where it is typed: a code chip the model does not have is taken
-off again, and a number outside its box's range (the range the server runs) is put back to the
-last good value, each with a notice saying why. Every event an API client can call takes its
-arguments unprocessed (``preprocess=False``) so that the app's own checks, which name the
-argument, answer a bad one, and returns plain values of the types ``view_api`` declares."""
+off again, and a number outside its box's range (the range the server runs) or a per-code
+strength that would not run is put back to the last good value, each with a notice saying why.
+Every event an API client can call takes its arguments unprocessed (``preprocess=False``) so that
+the app's own checks, which name the argument, answer a bad one, and returns plain values of the
+types ``view_api`` declares."""
 
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ class SteerTab:
     codes: gr.Dropdown
     blocked: gr.Dropdown  # codes that may never be chosen
     strength: gr.Number
+    code_strengths: gr.Textbox  # a strength of their own for some codes: CODE=STRENGTH, ...
     mode: gr.Radio
     positions: gr.Radio
     highlight: gr.Textbox
@@ -102,7 +105,7 @@ class SteerTab:
 
 # A share link: the page's URL with what reproduces a pair of stories as query parameters.
 LINK_KEYS = ("model", "prompt", "seed", "codes", "strength", "mode", "positions", "temperature",
-             "max_tokens", "highlight", "block")
+             "max_tokens", "highlight", "block", "code_strengths")
 # Put in the address bar and the share box once a generation has written its pair.
 LINK_JS = """(query) => {
   if (!query) return "";
@@ -125,17 +128,20 @@ class Link:
     max_tokens: int
     highlight: str
     block: list[str] = dataclasses.field(default_factory=list)
+    code_strengths: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def link_query(model: str, prompt, codes, strength, mode, positions, seed, temperature,
-               max_tokens, highlight, block=()) -> str:
+               max_tokens, highlight, block=(), code_strengths=None) -> str:
     """The query string of a share link (:data:`LINK_KEYS`)."""
     values = {"model": model, "prompt": prompt, "seed": inputs.shown_number(seed),
               "codes": ",".join(inputs.code_list(codes)),
               "strength": inputs.shown_number(strength), "mode": mode, "positions": positions,
               "temperature": inputs.shown_number(temperature),
               "max_tokens": inputs.shown_number(max_tokens), "highlight": highlight or "",
-              "block": ",".join(inputs.code_list(list(block)))}
+              "block": ",".join(inputs.code_list(list(block))),
+              "code_strengths": inputs.code_strengths_text(
+                  inputs.code_strengths(code_strengths))}
     return urllib.parse.urlencode({key: value for key, value in values.items() if value != ""})
 
 
@@ -165,7 +171,8 @@ def read_link(query: dict, max_new_tokens: int) -> Link | None:
                                              max_new_tokens),
             highlight=inputs.text(get("highlight", ""), "highlight"),
             block=[str(CodeRef.parse(code.strip()))
-                   for code in inputs.code_list(get("block", ""))])
+                   for code in inputs.code_list(get("block", ""))],
+            code_strengths=inputs.code_strengths(get("code_strengths", "")))
     except ValueError as err:
         raise InputError(f"the share link is not valid: {err}") from None
 
@@ -365,27 +372,61 @@ def search_note(loaded: LoadedModel) -> str:
             "you know still works.")
 
 
-def steering_json(codes, strength, mode, positions, block=()) -> str:
+def steering_json(codes, strength, mode, positions, block=(), code_strengths=None) -> str:
     """The steering set as JSON (``Steering.to_json``'s keys), to copy and share."""
     shared = {"codes": list(codes or []), "strength": strength, "mode": mode,
               "positions": positions}
     if block:
         shared["block"] = list(block)
+    if code_strengths:
+        shared["code_strengths"] = dict(code_strengths)
     return json.dumps(shared)
 
 
-def synced_json(codes, strength, mode, positions, block=None):
+def synced_json(codes, strength, mode, positions, block=None, code_strengths=None):
     """:func:`steering_json` of the set as it is now, or no change while a part of it is not
-    valid (a number being typed): the shared JSON only ever holds a set that would run."""
+    valid (a number being typed, a strength for a code not switched on): the shared JSON only
+    ever holds a set that would run."""
     try:
         codes = inputs.code_list(codes)
         block = inputs.code_list(block)
         strength = inputs.strength(strength)
         inputs.choice(mode, "mode", MODES)
         inputs.choice(positions, "positions", POSITIONS)
-    except InputError:
+        strengths = inputs.code_strengths(code_strengths)
+        if not set(strengths) <= {str(CodeRef.parse(code)) for code in codes}:
+            return gr.skip()
+    except (InputError, ValueError):
         return gr.skip()
-    return steering_json(codes, strength, mode, positions, block)
+    return steering_json(codes, strength, mode, positions, block, strengths)
+
+
+def strengths_text(steering: Steering | None) -> str:
+    """The per-code strengths box's text for ``steering`` ("" for none)."""
+    if steering is None:
+        return ""
+    return inputs.code_strengths_text({str(c): v for c, v in steering.code_strengths.items()})
+
+
+def strengths_kept(strengths_now, codes) -> str | None:
+    """The per-code strengths box without the codes no longer switched on (``codes``), or
+    ``None`` when nothing is to be taken off (or the box does not hold valid strengths)."""
+    try:
+        strengths = inputs.code_strengths(strengths_now)
+        kept = {code: value for code, value in strengths.items() if code in codes}
+    except InputError:
+        return None
+    return None if kept == strengths else inputs.code_strengths_text(kept)
+
+
+def strengths_api_info() -> dict:
+    """What ``view_api`` says the per-code strengths box takes."""
+    return {"type": "string",
+            "description": "optional: a strength of their own for some of the codes switched "
+                           f"on, CODE=STRENGTH separated by commas, e.g. "
+                           f"{inputs.STRENGTHS_EXAMPLE}, 3:attn_heads:2:40=-1; each from "
+                           f"{inputs.STRENGTH_RANGE[0]:g} to {inputs.STRENGTH_RANGE[1]:g}; the "
+                           "other codes have the set's strength"}
 
 
 def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
@@ -444,6 +485,13 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                                  info=f"Multiplies the switched-on codes' vectors, from "
                                       f"{low:g} to {high:g}: higher steers harder, too high "
                                       "garbles the text; negative steers away")
+            code_strengths = gr.Textbox(
+                label="Per-code strengths (optional)", elem_id="code-strengths", lines=1,
+                max_lines=4, placeholder=f"e.g. {inputs.STRENGTHS_EXAMPLE}, 3:attn_heads:2:40=-1",
+                info=f"A strength of its own for some switched-on codes: CODE=STRENGTH, comma "
+                     f"separated, each from {low:g} to {high:g}; the other codes have the "
+                     "strength above. Press Enter to set it")
+            code_strengths.api_info = strengths_api_info
             mode = gr.Radio(MODE_CHOICES, value="add", label="Mode")
             positions = gr.Radio(POSITION_CHOICES, value="all", label="Steer at")
             with gr.Accordion("Share: the steering set as JSON", open=False):
@@ -519,25 +567,26 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
     @gpu()
     def run(model_name, prompt_text, codes_now, strength_now, mode_now, positions_now, seed_now,
             random_now, temperature_now, max_now, highlight_now, blocked_now=None,
-            request: gr.Request = None):
+            code_strengths_now=None, request: gr.Request = None):
         session = getattr(request, "session_hash", None)
         stop_now = stop_flag(session)  # set by this page's Stop button
         try:
             yield from generation_updates(model_name, prompt_text, codes_now, strength_now,
                                           mode_now, positions_now, seed_now, random_now,
                                           temperature_now, max_now, highlight_now, stop_now,
-                                          blocked_now)
+                                          blocked_now, code_strengths_now)
         finally:
             _drop_stop_flag(session, stop_now)
 
     def generation_updates(model_name, prompt_text, codes_now, strength_now, mode_now,
                            positions_now, seed_now, random_now, temperature_now, max_now,
-                           highlight_now, stop_now: threading.Event | None, blocked_now):
+                           highlight_now, stop_now: threading.Event | None, blocked_now,
+                           code_strengths_now):
         loaded = ctx.model(model_name)
         max_new = inputs.max_new_tokens(max_now, settings.max_new_tokens)
         ids = inputs.prompt_ids(loaded, prompt_text, settings.max_prompt_chars, max_new)
         steering = inputs.steering(loaded, codes_now, strength_now, mode_now, positions_now,
-                                   blocked_now)
+                                   blocked_now, code_strengths_now)
         temperature_value = inputs.temperature(temperature_now)
         used_seed = inputs.seed(seed_now, random_now)
         # Marking runs between forward passes.
@@ -606,14 +655,15 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
             steering.strength if steering else 1, steering.mode if steering else "add",
             steering.positions if steering else "all", result_now["seed"],
             result_now["temperature"], max_new, inputs.text(highlight_now, "highlight"),
-            [str(c) for c in steering.block] if steering else [])
+            [str(c) for c in steering.block] if steering else [],
+            {str(c): v for c, v in steering.code_strengths.items()} if steering else None)
 
     def starting(request: gr.Request):
         stop_flag(request.session_hash, fresh=True)
         return gr.update(interactive=False), gr.update(visible=True)
 
     run_inputs = [ctx.model_state, prompt, codes, strength, mode, positions, seed, random_seed,
-                  temperature, max_tokens, highlight_box, blocked]
+                  temperature, max_tokens, highlight_box, blocked, code_strengths]
     run_outputs = [unsteered, steered, seed, status, result, last]
     run_options = dict(concurrency_limit=settings.concurrency, concurrency_id="generate",
                        preprocess=False)
@@ -669,30 +719,33 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     clear.click(cleared, None, [codes, status, selected, *buttons], api_visibility="private")
 
-    set_parts = [codes, strength, mode, positions, blocked]
+    set_parts = [codes, strength, mode, positions, blocked, code_strengths]
     for part in set_parts:
         part.change(synced_json, set_parts, json_box, api_visibility="private", preprocess=False,
                     show_progress="hidden")
 
-    def check_codes(codes_now, model_name: str):
+    def check_codes(codes_now, model_name: str, strengths_now):
         """Take off the chips generation would refuse (a typed code the model does not have,
         one too many for a head), saying why; chips set by a topic or a search pass. Each
         chip shows its code's label (the box's choices are the chips, labelled; the values
-        stay the codes)."""
+        stay the codes). A code taken off the set loses its per-code strength too."""
         loaded = ctx.model(model_name)
         try:
             kept, problem = checked_chips(loaded, codes_now)
         except InputError as err:  # not a list at all
-            return gr.skip(), f"**Not added**: {warn(str(err))}"
+            return gr.skip(), f"**Not added**: {warn(str(err))}", gr.skip()
         labels = code_labels(loaded, kept)
         box = gr.update(choices=[(labelled(code, labels), code) for code in kept],
                         **({} if kept == codes_now else {"value": kept}))
+        strengths = strengths_kept(strengths_now, kept)
+        strengths = gr.skip() if strengths is None else strengths
         if problem is None:
-            return box, gr.skip()
-        return box, f"**Not added**: {warn(problem)}"
+            return box, gr.skip(), strengths
+        return box, f"**Not added**: {warn(problem)}", strengths
 
-    codes.change(check_codes, [codes, ctx.model_state], [codes, status], preprocess=False,
-                 api_visibility="private", show_progress="hidden")
+    codes.change(check_codes, [codes, ctx.model_state, code_strengths],
+                 [codes, status, code_strengths], preprocess=False, api_visibility="private",
+                 show_progress="hidden")
 
     def check_blocked(blocked_now, model_name: str):
         """As :func:`check_codes`, for the blocked codes (any number per head)."""
@@ -718,6 +771,35 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
     blocked.change(check_blocked, [blocked, ctx.model_state], [blocked, status],
                    preprocess=False, api_visibility="private", show_progress="hidden")
     clear.click(lambda: [], None, blocked, api_visibility="private", show_progress="hidden")
+
+    def check_strengths(strengths_now, before, codes_now, model_name: str):
+        """The per-code strengths box when it is left or Enter is pressed: valid strengths are
+        written ``CODE=STRENGTH, ...`` and become the last good value; anything else (an
+        entry that is not CODE=STRENGTH, a code the model does not have or that is not
+        switched on, a strength out of range) is refused with a notice and the box shows the
+        last good value again, so it always holds what will run."""
+        loaded = ctx.model(model_name)
+        try:
+            steering = inputs.steering(loaded, codes_now, 1.0, "add", "all", None,
+                                       strengths_now)
+        except InputError as err:
+            kept = inputs.text(before, "per-code strengths") if isinstance(before, str) else ""
+            note = warn(f"{err}; kept {kept or 'none'}")
+            return kept, kept, f"**Not changed**: {note}."
+        text = strengths_text(steering)
+        if text == (strengths_now or ""):
+            return gr.skip(), text, gr.skip()
+        return text, text, gr.skip()
+
+    strengths_before = gr.State("")
+    code_strengths.focus(lambda value: value, code_strengths, strengths_before,
+                         preprocess=False, api_visibility="private", show_progress="hidden")
+    gr.on([code_strengths.blur, code_strengths.submit], check_strengths,
+          [code_strengths, strengths_before, codes, ctx.model_state],
+          [code_strengths, strengths_before, status], preprocess=False,
+          api_visibility="private", show_progress="hidden")
+    clear.click(lambda: "", None, code_strengths, api_visibility="private",
+                show_progress="hidden")
     guard(strength, inputs.strength, status)
     guard(max_tokens, lambda value: inputs.max_new_tokens(value, settings.max_new_tokens),
           status)
@@ -726,12 +808,14 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
     def import_json(shared: str, model_name: str):
         steering = inputs.steering_json(ctx.model(model_name), shared)
         blocking = f", {len(steering.block)} blocked" if steering.block else ""
+        own = (f", {len(steering.code_strengths)} with a strength of its own"
+               if steering.code_strengths else "")
         return (chips([str(c) for c in steering.codes]), steering.strength, steering.mode,
                 steering.positions,
-                f"Applied a steering set of {len(steering.codes)} codes{blocking}.",
-                chips([str(c) for c in steering.block]))
+                f"Applied a steering set of {len(steering.codes)} codes{blocking}{own}.",
+                chips([str(c) for c in steering.block]), strengths_text(steering))
 
-    import_outputs = [codes, strength, mode, positions, status, blocked]
+    import_outputs = [codes, strength, mode, positions, status, blocked, code_strengths]
     # In the page a pasted set also unselects the topic chips (it replaces their codes).
     endpoint([apply_json.click], import_json, [json_box, ctx.model_state], import_outputs,
              status=status, api_name="import_steering", preprocess=False,
@@ -739,7 +823,7 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                                                  *cleared()[2:]),
              browser_outputs=[*import_outputs, selected, *buttons])
 
-    return SteerTab(prompt, hint, buttons, selected, codes, blocked, strength, mode, positions,
-                    highlight_box, seed, random_seed, temperature, max_tokens, unsteered, steered,
-                    status, search_summary, inspect_unsteered, inspect_steered, last, generate,
-                    share_link)
+    return SteerTab(prompt, hint, buttons, selected, codes, blocked, strength, code_strengths,
+                    mode, positions, highlight_box, seed, random_seed, temperature, max_tokens,
+                    unsteered, steered, status, search_summary, inspect_unsteered,
+                    inspect_steered, last, generate, share_link)

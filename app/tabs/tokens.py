@@ -15,7 +15,7 @@ from app.errors import endpoint, reported
 from app.generation import continuation_text
 from app.gpu import gpu
 from app.tabs import AppContext
-from app.tabs.steer import SteerTab
+from app.tabs.steer import SteerTab, strengths_text
 from app.token_view import TokenCodes, token_codes
 from codebook.steering import CodeRef, Steering
 from codebook.text import encode_document
@@ -61,7 +61,8 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
 
     @gpu()
     def show_tokens(text_now: str, choice: str, model_name: str, codes, strength, mode,
-                    positions, prompt: str, source_now: dict | None, blocked=None):
+                    positions, prompt: str, source_now: dict | None, blocked=None,
+                    code_strengths=None):
         loaded = ctx.model(model_name)
         if not inputs.text(text_now, "the text").strip():
             raise inputs.InputError("the text is empty: generate a story or type some text")
@@ -81,7 +82,8 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
         if len(ids) > limit:
             raise inputs.InputError(f"the text has {len(ids)} tokens; this view shows at most "
                                     f"{limit}")
-        steering = inputs.steering(loaded, codes, strength, mode, positions, blocked)
+        steering = inputs.steering(loaded, codes, strength, mode, positions, blocked,
+                                   code_strengths)
         if choice == "off":
             steering = None
         elif steering is None:
@@ -92,7 +94,8 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
         return token_segments(result), note, pd.DataFrame(columns=HEADERS), result
 
     token_inputs = [text, steering_choice, ctx.model_state, steer.codes, steer.strength,
-                    steer.mode, steer.positions, steer.prompt, source, steer.blocked]
+                    steer.mode, steer.positions, steer.prompt, source, steer.blocked,
+                    steer.code_strengths]
     token_outputs = [tokens, selected, table, view]
     endpoint([show.click, text.submit], show_tokens, token_inputs, token_outputs,
              status=selected, api_name="tokens", preprocess=False)
@@ -136,7 +139,8 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
             steering = Steering.from_json(last["steering"]) if steered else None
             codes = [str(c) for c in steering.codes] if steering else gr.skip()
             set_parts = ([steering.strength, steering.mode, steering.positions,
-                          [str(c) for c in steering.block]] if steering else [gr.skip()] * 4)
+                          [str(c) for c in steering.block], strengths_text(steering)]
+                         if steering else [gr.skip()] * 5)
             return (story, "on" if steered else "off", opened, gr.Tabs(selected=TAB_ID), codes,
                     *set_parts, gr.skip())
 
@@ -145,7 +149,8 @@ def build(ctx: AppContext, steer: SteerTab, tabs: gr.Tabs) -> TokensTab:
     # The story's own steering is put back in the steering set, so the view shows what was
     # active while it was written even if the set was edited since.
     opened_outputs = [text, steering_choice, source, tabs, steer.codes, steer.strength,
-                      steer.mode, steer.positions, steer.blocked, steer.status]
+                      steer.mode, steer.positions, steer.blocked, steer.code_strengths,
+                      steer.status]
     shown_tokens = reported(show_tokens, len(token_outputs), token_outputs.index(selected))
 
     def show_opened(last: dict | None, *args):
