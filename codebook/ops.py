@@ -45,10 +45,13 @@ emitters below build nodes through the caller's ``body`` and import nothing).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -145,11 +148,14 @@ class Similarity:
         Maps activations and codes alike to the form the similarity compares (cosine: unit
         vectors), with ``scores(prepare(x), prepare(c))`` equal to ``scores(x, c)``. The op and
         k-means++ prepare the codebook and the points once, not once per chunk or per centre.
-    ``chunk_scorer(codebook, bias)`` (optional, for speed)
-        Takes the prepared codebook and the bias ``[g, C]`` (or None) once per call and returns
-        ``score(xg, out)``: the scores of one chunk of prepared activations ``xg`` ``[g, n, d]``,
-        bias added, written into the buffer ``out`` ``[g, n, C]`` where it can. They only rank the
-        codes, so they may differ from ``scores`` by a constant per token and group.
+    ``chunk_scorer(codebook)`` (optional, for speed)
+        Takes the prepared codebook and returns ``with_bias(bias)``, which takes the bias
+        ``[g, C]`` (or None) once per call and returns ``score(xg, out)``: the scores of one chunk
+        of prepared activations ``xg`` ``[g, n, d]``, bias added, written into the buffer ``out``
+        ``[g, n, C]`` where it can. They only rank the codes, so they may differ from ``scores``
+        by a constant per token and group. The work that depends on the codebook alone belongs in
+        the first stage: inside :func:`prepared_codebooks` the op keeps its result from call to
+        call while the codebook is unchanged.
     """
 
     name: str
@@ -158,22 +164,25 @@ class Similarity:
     onnx_scores: Callable[[Any, str, str], str]
     scale_invariant: bool
     prepare: Callable[[Tensor], Tensor] | None = None
-    chunk_scorer: Callable[[Tensor, Tensor | None], ChunkScore] | None = None
+    chunk_scorer: Callable[[Tensor], Callable[[Tensor | None], ChunkScore]] | None = None
 
     def prepared(self, vectors: Tensor) -> Tensor:
         return vectors if self.prepare is None else self.prepare(vectors)
 
-    def scorer(self, codebook: Tensor, bias: Tensor | None) -> ChunkScore:
-        """The op's ``score(xg, out)`` for the prepared ``codebook``: ``chunk_scorer``'s, or
-        ``scores`` plus ``bias``."""
+    def scorer(self, codebook: Tensor) -> Callable[[Tensor | None], ChunkScore]:
+        """The op's ``with_bias(bias) -> score(xg, out)`` for the prepared ``codebook``:
+        ``chunk_scorer``'s, or ``scores`` plus ``bias``."""
         if self.chunk_scorer is not None:
-            return self.chunk_scorer(codebook, bias)
+            return self.chunk_scorer(codebook)
 
-        def score(xg: Tensor, out: Tensor) -> Tensor:
-            scores = self.scores(xg.transpose(0, 1), codebook).transpose(0, 1)
-            return scores if bias is None else scores + bias[:, None, :]
+        def with_bias(bias: Tensor | None) -> ChunkScore:
+            def score(xg: Tensor, out: Tensor) -> Tensor:
+                scores = self.scores(xg.transpose(0, 1), codebook).transpose(0, 1)
+                return scores if bias is None else scores + bias[:, None, :]
 
-        return score
+            return score
+
+        return with_bias
 
 
 # Every similarity by name. Register one with register_similarity; delete its entry to unregister.
@@ -226,20 +235,24 @@ def _matmul_scorer(squared_distance: bool):
     ``-||c||^2``) are folded into the multiply (baddbmm). ``-||x||^2`` is the same for every code
     of a token and group, so it is left out: it cannot change the ranking."""
 
-    def chunk_scorer(codebook: Tensor, bias: Tensor | None):
-        offset = bias
-        if squared_distance:
-            sq_norm = codebook.pow(2).sum(-1)
-            offset = -sq_norm if offset is None else offset - sq_norm
+    def chunk_scorer(codebook: Tensor):
+        sq_norm = codebook.pow(2).sum(-1) if squared_distance else None
         table = codebook.transpose(1, 2).contiguous()
         alpha = 2 if squared_distance else 1
 
-        def score(xg: Tensor, out: Tensor) -> Tensor:
-            if offset is None:
-                return torch.bmm(xg, table, out=out)
-            return torch.baddbmm(offset[:, None, :], xg, table, alpha=alpha, out=out)
+        def with_bias(bias: Tensor | None) -> ChunkScore:
+            offset = bias
+            if sq_norm is not None:
+                offset = -sq_norm if offset is None else offset - sq_norm
 
-        return score
+            def score(xg: Tensor, out: Tensor) -> Tensor:
+                if offset is None:
+                    return torch.bmm(xg, table, out=out)
+                return torch.baddbmm(offset[:, None, :], xg, table, alpha=alpha, out=out)
+
+            return score
+
+        return with_bias
 
     return chunk_scorer
 
@@ -403,6 +416,65 @@ def _block_size(num_codes: int, k: int) -> int:
     return min(divisors, key=lambda b: abs(math.log(b / root)), default=0)
 
 
+# The codebooks prepared inside prepared_codebooks(): (id, similarity, dtype) -> _Prepared.
+_PREPARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "codebook_prepared", default=None)
+
+
+@dataclasses.dataclass
+class _Prepared:
+    codebook: weakref.ref  # the codebook it was made from
+    similarity: Similarity
+    stamp: tuple  # what the codebook was then (see _stamp)
+    scorer: Callable[[Tensor | None], ChunkScore]
+
+
+def _stamp(codebook: Tensor) -> tuple:
+    """What tells an unchanged codebook: an in-place write bumps ``_version``, a new tensor put in
+    its place has a new data pointer (or device, dtype, shape)."""
+    return (codebook._version, codebook.data_ptr(), codebook.device, codebook.dtype,
+            codebook.shape, codebook.stride())
+
+
+@contextlib.contextmanager
+def prepared_codebooks(kept: dict | None = None) -> Iterator[dict]:
+    """Inside the block (in the current context only), the op prepares each codebook once
+    (cosine: unit codes, transposed for the multiply) and reuses that for later calls while the
+    codebook is unchanged, instead of preparing it on every call: for inference, where a decoding
+    step is a forward over a few tokens and the preparation cost as much as the rest of the op.
+    The results are the same bit for bit.
+
+    A codebook counts as changed when an in-place write bumped its version counter or it was
+    replaced (another tensor, device, dtype or shape). Writes through ``.data`` do not bump the
+    version: a block must not change a codebook that way (training, which does, runs outside
+    any block). ``kept`` (the dict yielded by an earlier block) carries the prepared codebooks
+    from one block to the next."""
+    kept = {} if kept is None else kept
+    token = _PREPARED.set(kept)
+    try:
+        yield kept
+    finally:
+        _PREPARED.reset(token)
+
+
+def _codebook_scorer(measure: Similarity, codebook: Tensor,
+                     dtype: torch.dtype) -> Callable[[Tensor | None], ChunkScore]:
+    """``measure.scorer`` of the prepared ``codebook`` (in ``dtype``), kept inside
+    :func:`prepared_codebooks`."""
+    kept = _PREPARED.get()
+    if kept is None or codebook.is_inference():  # (inference tensors have no version counter)
+        return measure.scorer(measure.prepared(codebook.to(dtype)))
+    key = (id(codebook), measure.name, dtype)
+    entry = kept.get(key)
+    stamp = _stamp(codebook)
+    if (entry is None or entry.codebook() is not codebook or entry.similarity is not measure
+            or entry.stamp != stamp):
+        entry = _Prepared(weakref.ref(codebook), measure, stamp,
+                          measure.scorer(measure.prepared(codebook.to(dtype))))
+        kept[key] = entry
+    return entry.scorer
+
+
 def topk_codebook(
     x: Tensor,
     codebook: Tensor,
@@ -462,8 +534,7 @@ def _forward(x, codebook, k, bias=None, scale=None, similarity=_SCHEMA_SIMILARIT
     flat = x.reshape(-1, groups, dim)
     num_tokens = flat.shape[0]
     measure = SIMILARITIES[similarity]
-    score = measure.scorer(measure.prepared(codebook.to(x.dtype)),
-                           None if bias is None else bias.to(x.dtype))
+    score = _codebook_scorer(measure, codebook, x.dtype)(None if bias is None else bias.to(x.dtype))
     table = codebook.float()  # combined in float32 whatever the input dtype
     block = _topk_block(num_codes, k, x.device)
     out = torch.empty_like(flat)

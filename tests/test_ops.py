@@ -102,6 +102,36 @@ def test_output_is_exactly_the_selected_codes():
             torch.testing.assert_close(out[t, g], expected)
 
 
+
+@pytest.mark.parametrize("similarity", ops.SIMILARITIES)
+def test_prepared_codebooks_are_reused_until_the_codebook_changes(similarity):
+    """Inside ops.prepared_codebooks the op prepares a codebook once: the same results bit for bit
+    while it is unchanged, and the new codebook's after an in-place write or a new tensor."""
+    x, bias = torch.randn(7, 3, 8), torch.randn(3, 40)
+    codebook = torch.nn.Parameter(torch.randn(3, 40, 8))
+
+    def both(cb):
+        return [topk_codebook(x, cb, 4, b, None, similarity, "sum") for b in (None, bias)]
+
+    def same(got, want):
+        return all(torch.equal(a, b) for pair_a, pair_b in zip(got, want, strict=True)
+                   for a, b in zip(pair_a, pair_b, strict=True))
+
+    with torch.no_grad():
+        plain = both(codebook)
+        with ops.prepared_codebooks() as kept:
+            assert same(both(codebook), plain)
+            assert same(both(codebook), plain)  # reused
+            assert len(kept) == 1
+            codebook.mul_(-1.5)  # in place: a new version
+            flipped = both(codebook)
+            assert same(flipped, both(codebook.detach().clone()))
+            assert not same(flipped, plain)
+            codebook.data = torch.randn(3, 40, 8)  # another tensor: a new data pointer
+            assert same(both(codebook), both(codebook.detach().clone()))
+        assert ops._PREPARED.get() is None  # outside the block: prepared on every call
+
+
 @pytest.mark.parametrize("similarity,combine", CASES)
 @pytest.mark.slow  # torch's own checks of the op: several seconds per case
 def test_opcheck(similarity, combine):
