@@ -22,7 +22,10 @@ the batched steps differ from a lone visitor's only in the order the arithmetic 
 1e-6 of a logit in float32), which changes a sampled token or a code's top-k choice only when two
 candidates tie that closely. :data:`DTYPE` set to ``torch.float64`` makes that practically never
 (the batch then runs a float64 copy of the model), at several times the cost per step on a CPU.
-Sampling is :mod:`app.generation`'s: pure sampling at the temperature (greedy at 0), on the CPU.
+Sampling is :mod:`app.generation`'s (:func:`~app.generation.sample_tokens`): pure sampling at
+the temperature (greedy at 0), on the CPU, each row drawing from its own generator what it would
+draw alone, the rest of the arithmetic done for all rows at once. Each codebook is prepared once
+for all steps (:func:`codebook.ops.prepared_codebooks`), not once per site call.
 
 The steps run ahead of the visitors' pages: each generation has a queue of token snapshots, one
 per step, that its page reads at its own pace (so a slow page slows nobody else).
@@ -44,7 +47,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from app.generation import sample_tokens
 from codebook.layer import SiteRun, TokenPositions, running
+from codebook.ops import prepared_codebooks
 from codebook.steering import Steering, layer_steerings
 from codebook.text import stop_ids
 
@@ -101,6 +106,7 @@ class Batcher:
         self._pending: list[_Request] = []
         self._thread: threading.Thread | None = None
         self._steerings: dict[str, dict] = {}
+        self._prepared: dict = {}  # the codebooks, prepared once for every step (codebook.ops)
         # The running batch (the worker's alone): its rows, KV cache and attention mask [B, L].
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
@@ -191,20 +197,19 @@ class Batcher:
         return {layer: SiteRun(steering=tuple(row.sites.get(key) for row in rows), tokens=tokens)
                 for key, layer in self.layers.items() if key in touched}
 
-    def _sample(self, row: _Row, logits: torch.Tensor) -> None:
-        request = row.request
-        if request.temperature == 0:
-            token = int(logits.argmax())
-        else:
-            probs = torch.softmax(logits / request.temperature, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=row.generator))
-        if token in self.stops:
-            row.done = True
-            return
-        row.tokens.append(token)
-        row.last, row.position = token, row.position + 1
-        if len(row.tokens) >= request.max_new_tokens:
-            row.done = True
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample every row's next token at once (each with its own temperature and generator,
+        as alone: :func:`app.generation.sample_tokens`) and add it to the row."""
+        tokens = sample_tokens(logits, [row.request.temperature for row in rows],
+                               [row.generator for row in rows])
+        for row, token in zip(rows, tokens, strict=True):
+            if token in self.stops:
+                row.done = True
+                continue
+            row.tokens.append(token)
+            row.last, row.position = token, row.position + 1
+            if len(row.tokens) >= row.request.max_new_tokens:
+                row.done = True
 
     def _publish(self, request: _Request) -> None:
         request.updates.put(("step", request.snapshot()))
@@ -224,10 +229,9 @@ class Batcher:
                              position=length - 1) for s in request.steerings]
         ids = torch.tensor([request.prompt_ids] * len(request.rows), device=self.device)
         cache = DynamicCache(config=self.model.config)
-        with running(self._runs(request.rows, length)):
+        with prepared_codebooks(self._prepared), running(self._runs(request.rows, length)):
             logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-        for row, row_logits in zip(request.rows, logits.cpu(), strict=True):
-            self._sample(row, row_logits)
+        self._sample(request.rows, logits)
         keep = [i for i, row in enumerate(request.rows) if not row.done]
         if keep:
             self._merge([request.rows[i] for i in keep], cache,
@@ -288,12 +292,12 @@ class Batcher:
         ids = torch.tensor([[row.last] for row in rows], device=self.device)
         positions = torch.tensor([[row.position] for row in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        with running(self._runs(rows, 0)):  # every token fed in a step is a generated one
+        # Every token fed in a step is a generated one.
+        with prepared_codebooks(self._prepared), running(self._runs(rows, 0)):
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 cache=self._cache, use_cache=True).logits[:, -1]
         self._mask = mask
-        for row, row_logits in zip(rows, logits.cpu(), strict=True):
-            self._sample(row, row_logits)
+        self._sample(rows, logits)
         for request in dict.fromkeys(row.request for row in rows):
             self._publish(request)
 

@@ -16,12 +16,14 @@ the batch cannot hold.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
 
 from app.models import LoadedModel
+from codebook.ops import prepared_codebooks
 from codebook.steering import Steering
 from codebook.text import stop_ids
 
@@ -36,13 +38,36 @@ class _Side:
     done: bool = False
 
 
-def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
-    logits = logits.float()
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    # Sampled on the CPU so that a seed gives the same text on every device.
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+def sample_tokens(logits: torch.Tensor, temperatures: Sequence[float],
+                  generators: Sequence[torch.Generator]) -> list[int]:
+    """The next token of every row of ``logits`` ``[rows, vocab]``, each row with its own
+    temperature (0: greedy) and random generator.
+
+    A row samples what ``torch.multinomial(softmax(logits / temperature), 1, generator=g)`` gives
+    it alone (so what the library's ``generate`` samples for one row with that seed, the CLI
+    protocol), and takes the same draws from its generator, whatever the other rows: torch's
+    multinomial draws one sample as ``argmax(probs / q)`` with ``q`` from ``Exp(1)``, and so does
+    this, but with each row's ``q`` drawn from that row's generator and the rest computed for all
+    rows at once (one softmax, one division, one argmax over the batch: each row's arithmetic is
+    the same as alone). On the CPU, so that a seed gives the same text on every device.
+    """
+    logits = logits.detach().float().cpu()
+    tokens = logits.argmax(-1).tolist()
+    sampled = [i for i, t in enumerate(temperatures) if t != 0]
+    if not sampled:
+        return tokens
+    rows = torch.tensor(sampled)
+    temps = torch.tensor([float(temperatures[i]) for i in sampled])[:, None]
+    probs = torch.softmax((logits if len(sampled) == len(tokens) else logits[rows]) / temps,
+                          dim=-1)
+    if not bool(((probs >= 0) & (probs < math.inf)).all()):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    noise = torch.empty_like(probs)
+    for q, i in zip(noise, sampled, strict=True):
+        q.exponential_(generator=generators[i])
+    for i, token in zip(sampled, probs.div_(noise).argmax(-1).tolist(), strict=True):
+        tokens[i] = token
+    return tokens
 
 
 @torch.no_grad()
@@ -66,14 +91,16 @@ def side_by_side(
         _Side(s, torch.Generator().manual_seed(seed), DynamicCache(), prompt)
         for s in ((None, steering) if steering is not None else (None,))
     ]
+    prepared: dict = {}  # the codebooks, prepared once for every step (codebook.ops)
     for _ in range(max_new_tokens):
         for side in sides:
             if side.done:
                 continue
-            with model.steer(side.steering, prompt_length=len(prompt_ids)):
+            with (prepared_codebooks(prepared),
+                  model.steer(side.steering, prompt_length=len(prompt_ids))):
                 logits = model(input_ids=side.next_input, cache=side.cache,
                                use_cache=True).logits[0, -1]
-            token = _next_token(logits, temperature, side.generator)
+            token = sample_tokens(logits[None], [temperature], [side.generator])[0]
             if token in stops:
                 side.done = True
                 continue

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
@@ -190,3 +191,34 @@ def test_a_request_the_batch_refuses_fails_alone(model_dir):
     for thread in threads:
         thread.join(60)
     assert len(errors) == 1 and results == alone
+
+
+def test_a_batch_samples_each_row_as_torch_multinomial_samples_it_alone():
+    """app.generation.sample_tokens: every row draws from its own generator what
+    ``torch.multinomial`` draws for it alone (the library's generate samples one row so), whatever
+    the other rows and their temperatures; a greedy row takes no draw."""
+    from app.generation import sample_tokens
+
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)) * 3
+    temperatures = [1.0, 0.0, 0.7, 1.3, 0.0, 1.0]
+    alone, batched = [], []
+    for step in range(20):
+        step_logits = logits.roll(step, dims=1)
+        gens = [torch.Generator().manual_seed(100 * step + i) for i in range(6)]
+        batched.append(sample_tokens(step_logits, temperatures, gens))
+        gens = [torch.Generator().manual_seed(100 * step + i) for i in range(6)]
+        alone.append([
+            int(row.argmax()) if t == 0 else
+            int(torch.multinomial(torch.softmax(row / t, -1), 1, generator=g))
+            for row, t, g in zip(step_logits, temperatures, gens, strict=True)])
+        # And a row sampled alone through sample_tokens draws the same again.
+        gens = [torch.Generator().manual_seed(100 * step + i) for i in range(6)]
+        assert batched[-1] == [sample_tokens(row[None], [t], [g])[0]
+                               for row, t, g in zip(step_logits, temperatures, gens, strict=True)]
+    assert batched == alone
+    gen = torch.Generator().manual_seed(5)
+    sample_tokens(logits, temperatures, [gen] * 6)  # one generator, four draws
+    again = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        torch.empty(500).exponential_(generator=again)
+    assert torch.equal(gen.get_state(), again.get_state())
