@@ -281,6 +281,11 @@ def test_presets_round_trip_and_become_steerings(tmp_path):
     steering = preset_steering(loaded["dragon"], strength=2.0)
     assert steering.codes == STEER.codes and steering.mode == "replace"
     assert steering.strength == 2.0
+    assert "code_strengths" not in loaded["dragon"]
+    # A strength per code is kept too.
+    own = Steering([PLANTED], mode="replace", code_strengths={PLANTED: 2.5})
+    save_topics(tmp_path, {"dragon": make_preset("dragon", own, {})})
+    assert preset_steering(load_topics(tmp_path)["dragon"]) == own
     (tmp_path / "topics.json").write_text(json.dumps({"bad": {"codes": ["1:nowhere"]}}))
     with pytest.raises(ValueError, match="topic 'bad' is not a valid preset"):
         load_topics(tmp_path)

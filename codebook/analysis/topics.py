@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from codebook.analysis.userdata import analysis_file, replace_file
-from codebook.steering import Steering
+from codebook.steering import Steering, preset_steering  # the spec's one reading of a preset
 
 TOPICS_NAME = "topics.json"
 
@@ -42,8 +42,6 @@ PAPER_TOPICS = {
     "baby": "baby",
     "princess": r"\b(?:prince|crown|king|castle)",
 }
-
-_STEERING_KEYS = ("codes", "strength", "mode", "positions", "block")
 
 
 def topics_path(model_dir: str | Path) -> Path:
@@ -87,15 +85,6 @@ def save_topics(target: str | Path, topics: dict) -> Path:
     return replace_file(path, lambda temporary: temporary.write_text(text))
 
 
-def preset_steering(preset: dict, **overrides) -> Steering:
-    """The :class:`Steering` a preset describes; ``overrides`` that are not ``None`` win."""
-    if not isinstance(preset, dict) or not isinstance(preset.get("codes"), list):
-        raise ValueError("a topic preset must be an object with a 'codes' list")
-    fields = {key: preset[key] for key in _STEERING_KEYS if key in preset}
-    fields.update({key: value for key, value in overrides.items() if value is not None})
-    return Steering(**fields)
-
-
 def make_preset(regex: str, steering: Steering, stats: dict) -> dict:
     """A preset from a steering and the statistics that justify it."""
     data = steering.to_dict()
@@ -103,6 +92,8 @@ def make_preset(regex: str, steering: Steering, stats: dict) -> dict:
               "mode": data["mode"], "positions": data["positions"]}
     if data["block"]:
         preset["block"] = data["block"]
+    if "code_strengths" in data:  # only when some code has a strength of its own
+        preset["code_strengths"] = data["code_strengths"]
     preset["stats"] = stats
     return preset
 
