@@ -71,10 +71,11 @@ def core_text(model: CodebookModel, steering) -> str:
 
 def test_every_preset_button_sets_exactly_its_presets_steering(client, presets):
     for name, preset in presets.items():
-        chips, strength, mode, positions, highlight, status = client.predict(name,
-                                                                             api_name="/topic")
+        chips, strength, mode, positions, highlight, status, own = client.predict(
+            name, api_name="/topic")
         steering = preset_steering(preset)
         assert chips == names(preset), name
+        assert own == "", name  # no shipped preset gives a code a strength of its own
         assert (strength, mode, positions) == (steering.strength, steering.mode,
                                                steering.positions), name
         assert highlight == preset["regex"]

@@ -201,10 +201,10 @@ def test_every_endpoint_returns_what_view_api_declares(app, dragon):
     client = Client(app[0], verbose=False, download_files=False)
     topic = client.predict("dragon", api_name="/topic")
     assert_returns_as_declared(client, "/topic", topic)
-    codes, strength, mode, positions, highlight, _ = topic
+    codes, strength, mode, positions, highlight, _, own = topic
     # What /topic returns is what /generate takes.
-    job = generate(client, codes=codes, strength=strength, mode=mode, positions=positions,
-                   highlight=highlight)
+    job = client.submit(PROMPT, codes, strength, mode, positions, 0, False, 0.0, 16, highlight,
+                        [], own, api_name="/generate")
     final = job.result()
     for outputs in job.outputs():  # streamed updates too
         assert_returns_as_declared(client, "/generate", tuple(outputs))
@@ -287,9 +287,9 @@ def test_a_seed_reproduces_a_sampled_pair_and_random_seeds_are_reported(client, 
 
 
 def test_topic_presets_and_searches_return_codes(client, dragon):
-    chips, strength, mode, positions, highlight, status = client.predict("dragon",
-                                                                         api_name="/topic")
-    assert chips == dragon and (strength, mode, positions) == (4.0, "add", "all")
+    chips, strength, mode, positions, highlight, status, own = client.predict("dragon",
+                                                                              api_name="/topic")
+    assert chips == dragon and (strength, mode, positions, own) == (4.0, "add", "all", "")
     assert highlight == "dragon" and "dragon" in status
 
     table, summary, highlight = client.predict("dragon", api_name="/search_topics")
@@ -316,6 +316,10 @@ def test_topic_presets_and_searches_return_codes(client, dragon):
 def test_the_token_view_lists_each_tokens_codes(client):
     segments, note, _ = client.predict("the cat sat", "off", api_name="/tokens")
     assert [s["token"] for s in segments] == ["«start»", " the", " cat", " sat"]
+    assert note.startswith("4 tokens")
+    # Steered by the Steer tab's set, per-code strengths (the last argument) included.
+    _, note, _ = client.predict("the cat sat", "on", ["0:attn_heads:0:1"], 1.0, "add", "all",
+                                "", [], "0:attn_heads:0:1=-3", api_name="/tokens")
     assert note.startswith("4 tokens")
 
 
@@ -522,6 +526,8 @@ BAD_CALLS = [
     (("0:attn_heads", "x", 0), "/code", "head must be a number, got 'x'"),
     (("the cat", "sometimes"), "/tokens", "steering must be one of off, on, got 'sometimes'"),
     (("the cat", "on", [], "abc"), "/tokens", "strength must be a number, got 'abc'"),
+    (("the cat", "on", ["0:attn_heads:0:1"], 1.0, "add", "all", "", [], "0:attn_heads:0:2=2"),
+     "/tokens", "per-code strengths: 0:attn_heads:0:2 is not among the codes switched on"),
     (("onnx", "yes"), "/export", "full verification must be true or false, got 'yes'"),
     (('{"codes": ["0:attn_heads:0:1"], "strength": 100}',), "/import_steering",
      "strength must be between -10 and 10, got 100"),

@@ -811,6 +811,26 @@ def test_topic_chips_toggle_and_combine_and_clear_empties_them(loaded):
         steer.toggled(model, "nope", [], [])
 
 
+def test_topic_chips_bring_their_presets_per_code_strengths_and_keep_the_typed_ones(loaded):
+    from app.tabs import steer
+
+    model, first, cave = two_topics(loaded)
+    name = next(iter(model.topics))
+    own = Steering(cave, strength=2.0, mode="replace", code_strengths={cave[-1]: -3.0})
+    model.topics = {**model.topics, "cave": make_preset("cave", own, {})}
+    typed = f"{first[1]}=2.5, 0:attn_heads:3:30=1"  # the second code is not switched on
+    picked = steer.toggled(model, name, [], [], typed)
+    assert picked.strengths == f"{first[1]}=2.5"  # the typed strength of a code in the set
+    both = steer.toggled(model, "cave", picked.selected, picked.codes, picked.strengths)
+    assert both.strengths == f"{first[1]}=2.5, {cave[-1]}=-3"
+    left = steer.toggled(model, name, both.selected, both.codes, both.strengths)
+    assert left.codes == cave and left.strengths == f"{cave[-1]}=-3"
+    assert steer.toggled(model, "cave", left.selected, left.codes, left.strengths).strengths == ""
+    # The /topic endpoint: a preset's own steering, its per-code strengths the last output.
+    _, strength, *_, strengths = steer.applied_topic(model, "cave")
+    assert (strength, strengths) == (2.0, f"{cave[-1]}=-3")
+
+
 def test_generation_has_a_stop_button_that_stops_it_from_inside(demo):
     from app.tabs import steer
 

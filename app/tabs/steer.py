@@ -265,17 +265,20 @@ class Toggled:
     steering: Steering | None  # the settings of the last selected chip; None when none is
     regex: str  # what to highlight: the selected presets' regexes, any of them
     note: str
+    strengths: str = ""  # the per-code strengths box: the presets' own, and those typed
 
 
 def preset_codes(loaded: LoadedModel, topic: str) -> list[str]:
     return [str(c) for c in preset_steering(loaded.topics[topic]).codes]
 
 
-def toggled(loaded: LoadedModel, topic, selected, codes_now) -> Toggled:
+def toggled(loaded: LoadedModel, topic, selected, codes_now, strengths_now=None) -> Toggled:
     """Click the chip of ``topic``: an unselected chip adds its preset's codes to the steering
     set (codes already there stay) and its strength, mode and positions become the set's (the
     last chip clicked decides); a selected one takes its codes off again, except those another
-    selected chip holds, and the set takes the settings of the last selected chip left."""
+    selected chip holds, and the set takes the settings of the last selected chip left. The
+    per-code strengths (``strengths_now``, the box) keep those of codes still in the set, and
+    every selected preset's own ``code_strengths`` (a later chip's win)."""
     topic = inputs.text(topic, "topic")
     if topic not in loaded.topics:
         known = ", ".join(loaded.topics) or "none"
@@ -292,11 +295,20 @@ def toggled(loaded: LoadedModel, topic, selected, codes_now) -> Toggled:
         codes = codes_now + [code for code in preset_codes(loaded, topic)
                              if code not in codes_now]
     steering = preset_steering(loaded.topics[selected[-1]]) if selected else None
+    try:
+        typed = inputs.code_strengths(strengths_now)
+    except InputError:  # being typed: the presets' own only
+        typed = {}
+    strengths = {code: value for code, value in typed.items() if code in codes}
+    for name in selected:
+        own = preset_steering(loaded.topics[name]).code_strengths
+        strengths.update({str(code): value for code, value in own.items()})
     if steering is not None:
         # A preset is held to the ranges a visitor is (its strength within STRENGTH_RANGE),
         # and presets together to the model's k codes per head.
         try:
-            inputs.steering(loaded, codes, steering.strength, steering.mode, steering.positions)
+            inputs.steering(loaded, codes, steering.strength, steering.mode, steering.positions,
+                            None, strengths)
         except InputError as err:
             what = "applied" if len(selected) == 1 else "combined with the selected topics"
             raise InputError(f"the preset {topic!r} cannot be {what}: {err}") from None
@@ -318,7 +330,29 @@ def toggled(loaded: LoadedModel, topic, selected, codes_now) -> Toggled:
     else:
         note = (f"Removed **{topic}**: " + (f"{switched}." if codes else
                                              "no codes are switched on."))
-    return Toggled(selected, codes, steering, regex, note)
+    return Toggled(selected, codes, steering, regex, note,
+                   inputs.code_strengths_text(strengths))
+
+
+def applied_topic(loaded: LoadedModel, topic) -> tuple:
+    """The /topic endpoint: the steering set of one preset alone (codes, strength, mode,
+    positions, what to highlight, the status line, its per-code strengths)."""
+    if inputs.text(topic, "topic") not in loaded.topics:
+        known = ", ".join(loaded.topics) or "none"
+        raise InputError(f"no topic preset {topic!r}; this model's presets: {known}")
+    preset = loaded.topics[topic]
+    steering = preset_steering(preset)
+    codes_now = [str(c) for c in steering.codes]
+    # A preset is held to the ranges a visitor is (its strength within STRENGTH_RANGE).
+    try:
+        inputs.steering(loaded, codes_now, steering.strength, steering.mode, steering.positions,
+                        None, {str(c): v for c, v in steering.code_strengths.items()})
+    except InputError as err:
+        raise InputError(f"the preset {topic!r} cannot be applied: {err}") from None
+    note = (f"Steering toward **{topic}**: {len(codes_now)} codes switched on. "
+            f"{measured(preset)}Press **Generate**.")
+    return (chips(codes_now), steering.strength, steering.mode, steering.positions,
+            preset.get("regex", topic), note, strengths_text(steering))
 
 
 def cleared() -> list:
@@ -526,38 +560,22 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     @shown
     def apply_topic(topic: str, model_name: str):
-        loaded = ctx.model(model_name)
-        if inputs.text(topic, "topic") not in loaded.topics:
-            known = ", ".join(loaded.topics) or "none"
-            raise InputError(f"no topic preset {topic!r}; this model's presets: {known}")
-        preset = loaded.topics[topic]
-        steering = preset_steering(preset)
-        codes_now = [str(c) for c in steering.codes]
-        # A preset is held to the ranges a visitor is (its strength within STRENGTH_RANGE).
-        try:
-            inputs.steering(loaded, codes_now, steering.strength, steering.mode,
-                            steering.positions)
-        except InputError as err:
-            raise InputError(f"the preset {topic!r} cannot be applied: {err}") from None
-        note = (f"Steering toward **{topic}**: {len(codes_now)} codes switched on. "
-                f"{measured(preset)}Press **Generate**.")
-        return (chips(codes_now), steering.strength, steering.mode, steering.positions,
-                preset.get("regex", topic), note)
+        return applied_topic(ctx.model(model_name), topic)
 
-    preset_outputs = [codes, strength, mode, positions, highlight_box, status]
+    preset_outputs = [codes, strength, mode, positions, highlight_box, status, code_strengths]
 
-    def click_topic(topic: str, selected_now, codes_now, model_name: str):
+    def click_topic(topic: str, selected_now, codes_now, model_name: str, strengths_now):
         loaded = ctx.model(model_name)
-        done = toggled(loaded, topic, selected_now, codes_now)
+        done = toggled(loaded, topic, selected_now, codes_now, strengths_now)
         settings = ([done.steering.strength, done.steering.mode, done.steering.positions]
                     if done.steering is not None else [gr.skip()] * 3)
-        return [chips(done.codes), *settings, done.regex, done.note, done.selected,
-                *topic_buttons(loaded, done.selected)]
+        return [chips(done.codes), *settings, done.regex, done.note, done.strengths,
+                done.selected, *topic_buttons(loaded, done.selected)]
 
     topic_outputs = [*preset_outputs, selected, *buttons]
     for button in buttons:
         button.click(reported(click_topic, len(topic_outputs), preset_outputs.index(status)),
-                     [button, selected, codes, ctx.model_state], topic_outputs,
+                     [button, selected, codes, ctx.model_state, code_strengths], topic_outputs,
                      api_visibility="private", preprocess=False)
     # For API clients, by topic name: a preset's own steering (no chips to combine with).
     topic_name = gr.Textbox(visible=False)
