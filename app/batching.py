@@ -59,6 +59,9 @@ DTYPE: torch.dtype | None = None  # the batch's arithmetic (None: the model's ow
 IDLE_SECONDS = 60.0  # a worker with nothing to do for this long ends (a new request restarts it)
 STEP_PAUSE = 0.002  # seconds the worker sleeps after each step (see _work)
 _STEERINGS_KEPT = 256  # built per-site steerings kept for reuse, by steering
+# Token snapshots a second that the streams of a busy batch hand on in all (see Batcher.stream).
+UPDATES_PER_SECOND = 40.0
+BUSY_INTERVAL = 0.1  # seconds: a stream hands on every step until its share would be this long
 
 
 @dataclasses.dataclass(eq=False)
@@ -69,6 +72,7 @@ class _Request:
     temperature: float
     max_new_tokens: int
     updates: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    finished: threading.Event = dataclasses.field(default_factory=threading.Event)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     rows: list[_Row] = dataclasses.field(default_factory=list)
     ended: bool = False
@@ -109,6 +113,7 @@ class Batcher:
         self._prepared: dict = {}  # the codebooks, prepared once for every step (codebook.ops)
         # The running batch (the worker's alone): its rows, KV cache and attention mask [B, L].
         self._rows: list[_Row] = []
+        self._generations = 0  # generations in the batch (read by the streams)
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
 
@@ -127,18 +132,46 @@ class Batcher:
             self._cond.notify()
         return request
 
+    def interval(self) -> float:
+        """Seconds between a stream's snapshots now: 0 (every step) while the batch is quiet;
+        while it holds more generations than ``UPDATES_PER_SECOND * BUSY_INTERVAL``, each stream's
+        share of ``UPDATES_PER_SECOND``."""
+        every = self._generations / UPDATES_PER_SECOND
+        return every if every > BUSY_INTERVAL else 0.0
+
     def stream(self, request: _Request) -> Iterator[tuple[list[int], list[int]]]:
-        """``(unsteered tokens, steered tokens)`` after every step of ``request``; closing the
-        iterator (a Stop, a visitor gone) takes the request out of the batch."""
+        """``(unsteered tokens, steered tokens)`` after every step of ``request``, the last one
+        always; closing the iterator (a Stop, a visitor gone) takes the request out of the batch.
+
+        While the batch is busy (:meth:`interval`), only the latest snapshot every ``interval``
+        seconds: a page shows no more than a few updates a second anyway, and every snapshot
+        handed on costs the server a wake-up of this stream's thread and, in the app, an update
+        sent to the page, taken from the time the steps need. The end still comes at once."""
         try:
+            due = 0.0  # when the next snapshot may go
             while True:
-                kind, value = request.updates.get()
-                if kind == "step":
-                    yield value
-                elif kind == "done":
-                    return
-                else:
-                    raise value
+                wait = due - time.monotonic()
+                if wait > 0:  # sleep through the steps until then, waking for the end only
+                    request.finished.wait(wait)
+                latest = None
+                while True:
+                    try:
+                        kind, value = (request.updates.get() if latest is None
+                                       else request.updates.get_nowait())
+                    except queue.Empty:
+                        break
+                    if kind == "step":
+                        latest = value
+                    elif kind == "done":
+                        if latest is not None:
+                            yield latest
+                        return
+                    else:
+                        raise value
+                    if not self.interval():
+                        break
+                yield latest
+                due = time.monotonic() + self.interval()
         finally:
             request.cancelled.set()
 
@@ -163,6 +196,7 @@ class Batcher:
                                     type(err).__name__, err)
                         self._end(request, err)
                 self._leave()
+                self._generations = len(dict.fromkeys(row.request for row in self._rows))
                 if self._rows:
                     self._step()
                     # Let the server's other threads (its event loop, the visitors' streams)
@@ -178,6 +212,7 @@ class Batcher:
         if not request.ended:
             request.ended = True
             request.updates.put(("error", error) if error is not None else ("done", None))
+            request.finished.set()
 
     def _sites(self, steering: Steering | None) -> dict:
         if steering is None:

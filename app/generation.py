@@ -52,8 +52,11 @@ def sample_tokens(logits: torch.Tensor, temperatures: Sequence[float],
     the same as alone). On the CPU, so that a seed gives the same text on every device.
     """
     logits = logits.detach().float().cpu()
-    tokens = logits.argmax(-1).tolist()
     sampled = [i for i, t in enumerate(temperatures) if t != 0]
+    if len(sampled) < len(temperatures):
+        tokens = logits.argmax(-1).tolist()
+    else:
+        tokens = [0] * len(sampled)  # every one sampled below
     if not sampled:
         return tokens
     rows = torch.tensor(sampled)
