@@ -11,7 +11,9 @@ a free loopback port) and measures, through ``gradio_client``:
   ``--together-tokens`` tokens a side, then N clients at once (each its own seed, connected
   before any starts), wall clock from the first submit to the last result; the ratio of the two
   is what sharing one batched forward per step (``app/batching.py``) buys (goal: at most 3x for
-  16 clients).
+  16 clients). The app process's CPU time over each of the two is printed too (on a shared
+  machine it depends less on the load). These clients wait for their results without reading
+  the stream as it comes (see :func:`together`).
 
 Steering uses the model's first topic preset, with its strength, mode and positions (else one
 code at strength 1). The machine's load average is printed with the table: on a shared machine the
@@ -76,6 +78,18 @@ def start(model: str, max_tokens: int) -> tuple[subprocess.Popen, str, float, fl
     return proc, url, time.perf_counter() - began, cpu_seconds(proc.pid)
 
 
+def client_of(url: str):
+    """A ``gradio_client`` client of the app at ``url`` (plain HTTP on the loopback).
+
+    Without certificate checks: ``gradio_client`` opens a new ``httpx`` client for nearly every
+    request, and each one loaded the CA bundle into a fresh SSL context (26 ms of CPU each, about
+    four per generation) even for an ``http://`` address. 16 clients spent more CPU time on that
+    than the app on their 16 generations, on the cores the app runs on."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, ssl_verify=False)
+
+
 def first_preset(model: str) -> tuple[str, dict]:
     """``(name, generate's steering arguments)`` of the model's first topic preset."""
     from codebook import hub
@@ -89,12 +103,17 @@ def first_preset(model: str) -> tuple[str, dict]:
                         "positions": "all"}
 
 
+def submit(client, steering: dict, max_tokens: int, seed: int):
+    """Start one steered generation; its ``gradio_client`` job."""
+    return client.submit(PROMPT, steering["codes"], steering["strength"], steering["mode"],
+                         steering["positions"], seed, False, 1.0, max_tokens, "",
+                         api_name="/generate")
+
+
 def generate(client, steering: dict, max_tokens: int, seed: int) -> tuple[float, float, dict]:
     """``(seconds to the first update, total seconds, result)`` of one steered generation."""
     began = time.perf_counter()
-    job = client.submit(PROMPT, steering["codes"], steering["strength"], steering["mode"],
-                        steering["positions"], seed, False, 1.0, max_tokens, "",
-                        api_name="/generate")
+    job = submit(client, steering, max_tokens, seed)
     first = None
     for _ in job:
         if first is None:
@@ -103,18 +122,25 @@ def generate(client, steering: dict, max_tokens: int, seed: int) -> tuple[float,
     return first, time.perf_counter() - began, result
 
 
-def together(url: str, steering: dict, clients: int, max_tokens: int, seed: int) -> float:
-    """Seconds for ``clients`` clients generating at once, from the first submit to the last
-    result (each client connected beforehand)."""
-    from gradio_client import Client
+def together(url: str, pid: int, steering: dict, clients: int, max_tokens: int,
+             seed: int) -> tuple[float, float]:
+    """``(seconds, CPU seconds of the app process)`` for ``clients`` clients generating at once,
+    from the first submit to the last result (each client connected beforehand).
 
-    connected = [Client(url, verbose=False) for _ in range(clients)]
+    The app streams its updates to every client as usual, but the clients wait for the result
+    without iterating over the job: ``gradio_client``'s iterator polls its job every millisecond
+    (``time.sleep(0.001)`` holding a lock), on the machine the app runs on, where visitors'
+    browsers would not be (16 polling clients took 0.85-1.06 s of CPU time for 16 x 40 tokens,
+    waiting ones 0.46-0.68 s, the app 1.6-2.2 s)."""
+    connected = [client_of(url) for _ in range(clients)]
+    cpu = cpu_seconds(pid)
     began = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: generate(connected[i], steering, max_tokens,
-                                                   seed + i)[2], range(clients)))
+        results = list(pool.map(lambda i: submit(connected[i], steering, max_tokens,
+                                                 seed + i).result()[4], range(clients)))
+    seconds = time.perf_counter() - began
     assert all(r["done"] for r in results)
-    return time.perf_counter() - began
+    return seconds, cpu_seconds(pid) - cpu
 
 
 def main() -> int:
@@ -128,27 +154,28 @@ def main() -> int:
                         help="new tokens per side in the together measure")
     args = parser.parse_args()
 
-    from gradio_client import Client
-
     preset, steering = first_preset(args.model)
     load_before = os.getloadavg()
     starts, start_cpu, firsts, steered, both = [], [], [], [], []
-    single, crowd = [], []
+    single, crowd, single_cpu, crowd_cpu = [], [], [], []
     for run in range(args.runs):
         proc, url, seconds, cpu = start(args.model, args.max_tokens)
         try:
             starts.append(seconds)
             start_cpu.append(cpu)
-            client = Client(url, verbose=False)
+            client = client_of(url)
             generate(client, steering, 8, seed=run)  # warm-up: first-call costs are not per token
             first, total, result = generate(client, steering, args.max_tokens, seed=run)
             firsts.append(first)
             steered.append(result["tokens"][1] / total)
             both.append(sum(result["tokens"]) / total)
             if args.clients:
-                single.append(together(url, steering, 1, args.together_tokens, 100 * run))
-                crowd.append(together(url, steering, args.clients, args.together_tokens,
-                                      100 * run))
+                for walls, cpus, clients in ((single, single_cpu, 1),
+                                             (crowd, crowd_cpu, args.clients)):
+                    wall, used = together(url, proc.pid, steering, clients,
+                                          args.together_tokens, 100 * run)
+                    walls.append(wall)
+                    cpus.append(used)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -173,6 +200,8 @@ def main() -> int:
         print(row(f"{n} clients at once x {tokens} tokens a side", crowd, "s"))
         print(row(f"{n} clients / 1 client (goal: at most 3)",
                   [c / s for c, s in zip(crowd, single, strict=True)], "x"))
+        print(row(f"CPU time of the app process, 1 client x {tokens} tokens", single_cpu, "s"))
+        print(row(f"CPU time of the app process, {n} clients x {tokens} tokens", crowd_cpu, "s"))
     return 0
 
 
