@@ -24,8 +24,11 @@ candidates tie that closely. :data:`DTYPE` set to ``torch.float64`` makes that p
 (the batch then runs a float64 copy of the model), at several times the cost per step on a CPU.
 Sampling is :mod:`app.generation`'s (:func:`~app.generation.sample_tokens`): pure sampling at
 the temperature (greedy at 0), on the CPU, each row drawing from its own generator what it would
-draw alone, the rest of the arithmetic done for all rows at once. Each codebook is prepared once
-for all steps (:func:`codebook.ops.prepared_codebooks`), not once per site call.
+draw alone, the rest of the arithmetic done for all rows at once; each row's noise is drawn in
+another thread while the model computes the logits (:meth:`Batcher._noise`). Each codebook is
+prepared once for all steps (:func:`codebook.ops.prepared_codebooks`), not once per site call, and
+the batch's KV cache keeps room for the next tokens (:class:`_RoomyLayer`) instead of being copied
+whole at every step.
 
 The steps run ahead of the visitors' pages: each generation has a queue of token snapshots, one
 per step, that its page reads at its own pace (so a slow page slows nobody else).
@@ -33,6 +36,7 @@ per step, that its page reads at its own pace (so a slow page slows nobody else)
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import logging
@@ -47,7 +51,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from app.generation import sample_tokens
+from app.generation import draw_noise, sample_tokens
 from codebook.layer import SiteRun, TokenPositions, running
 from codebook.ops import prepared_codebooks
 from codebook.steering import Steering, layer_steerings
@@ -62,6 +66,7 @@ _STEERINGS_KEPT = 256  # built per-site steerings kept for reuse, by steering
 # Token snapshots a second that the streams of a busy batch hand on in all (see Batcher.stream).
 UPDATES_PER_SECOND = 40.0
 BUSY_INTERVAL = 0.1  # seconds: a stream hands on every step until its share would be this long
+CACHE_ROOM = 64  # tokens of room a batch cache keeps ahead (see _RoomyLayer)
 
 
 @dataclasses.dataclass(eq=False)
@@ -95,6 +100,47 @@ class _Row:
     done: bool = False
 
 
+class _RoomyLayer(DynamicLayer):
+    """A :class:`DynamicLayer` whose keys and values are views of buffers with room for
+    ``CACHE_ROOM`` more tokens: a step writes its one token into the room instead of copying the
+    whole cache into a new tensor (``torch.cat``), which cost more than the attention itself in a
+    batch of 32 rows. Keys or values put in place from outside (the batch's joins and leaves) get
+    a new buffer at the next update. The same numbers as a :class:`DynamicLayer`'s."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self._key_room = _appended(self.keys, key_states,
+                                              getattr(self, "_key_room", None))
+        self.values, self._value_room = _appended(self.values, value_states,
+                                                  getattr(self, "_value_room", None))
+        return self.keys, self.values
+
+
+def _appended(cached: torch.Tensor, new: torch.Tensor,
+              room: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cat([cached, new], dim=-2)`` as a view of a buffer with room (``room``, the buffer
+    ``cached`` is a view of, when it still is and has room enough; else a new one), and the
+    buffer."""
+    length = cached.shape[-2] if cached.dim() == 4 else 0
+    end = length + new.shape[-2]
+    if (room is None or length == 0 or room.shape[-2] < end or room.dtype != new.dtype
+            or room.shape[:2] != new.shape[:2] or room.shape[-1] != new.shape[-1]
+            or cached.data_ptr() != room.data_ptr() or cached.stride() != room.stride()):
+        room = new.new_empty(*new.shape[:2], end + CACHE_ROOM, new.shape[-1])
+        if length:
+            room[:, :, :length] = cached
+    room[:, :, length:end] = new
+    return room[:, :, :end], room
+
+
+def _roomy_cache(config) -> DynamicCache:
+    """A :class:`DynamicCache` for the batch, its layers :class:`_RoomyLayer`s."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_RoomyLayer() for _ in cache.layers]
+    return cache
+
+
 class Batcher:
     """The generations in progress on one model, stepped together by one worker thread."""
 
@@ -105,12 +151,17 @@ class Batcher:
         self.model = model if same else copy.deepcopy(model).to(DTYPE)
         self.device = self.model.device
         self.layers = self.model.codebook_layers()
+        head = self.model.base.get_output_embeddings()  # the logits' width
+        self._vocab = head.weight.shape[0] if head is not None else self.model.config.vocab_size
         self.stops = set(stop_ids(tokenizer))
         self._cond = threading.Condition()
         self._pending: list[_Request] = []
         self._thread: threading.Thread | None = None
         self._steerings: dict[str, dict] = {}
         self._prepared: dict = {}  # the codebooks, prepared once for every step (codebook.ops)
+        # Draws the rows' sampling noise while the model computes their logits (see _noise).
+        self._noise_drawer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="codebook-noise")
         # The running batch (the worker's alone): its rows, KV cache and attention mask [B, L].
         self._rows: list[_Row] = []
         self._generations = 0  # generations in the batch (read by the streams)
@@ -232,11 +283,21 @@ class Batcher:
         return {layer: SiteRun(steering=tuple(row.sites.get(key) for row in rows), tokens=tokens)
                 for key, layer in self.layers.items() if key in touched}
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+    def _noise(self, rows: list[_Row]) -> concurrent.futures.Future:
+        """The rows' next sampling noise (:func:`app.generation.draw_noise`), drawn in another
+        thread: started before the forward, it runs beside it (torch releases the interpreter
+        while it draws), and the step waits for it only to sample. The draws, from each row's
+        own generator, are the same as when the sampler draws them itself."""
+        return self._noise_drawer.submit(draw_noise, [row.request.temperature for row in rows],
+                                         [row.generator for row in rows],
+                                         self._vocab)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor,
+                noise: concurrent.futures.Future) -> None:
         """Sample every row's next token at once (each with its own temperature and generator,
         as alone: :func:`app.generation.sample_tokens`) and add it to the row."""
         tokens = sample_tokens(logits, [row.request.temperature for row in rows],
-                               [row.generator for row in rows])
+                               [row.generator for row in rows], noise.result())
         for row, token in zip(rows, tokens, strict=True):
             if token in self.stops:
                 row.done = True
@@ -263,10 +324,14 @@ class Batcher:
         request.rows = [_Row(request, self._sites(s), torch.Generator().manual_seed(request.seed),
                              position=length - 1) for s in request.steerings]
         ids = torch.tensor([request.prompt_ids] * len(request.rows), device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        with prepared_codebooks(self._prepared), running(self._runs(request.rows, length)):
-            logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-        self._sample(request.rows, logits)
+        cache = _roomy_cache(self.model.config)
+        noise = self._noise(request.rows)
+        try:
+            with prepared_codebooks(self._prepared), running(self._runs(request.rows, length)):
+                logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+        finally:
+            concurrent.futures.wait([noise])  # the generators are free again
+        self._sample(request.rows, logits, noise)
         keep = [i for i, row in enumerate(request.rows) if not row.done]
         if keep:
             self._merge([request.rows[i] for i in keep], cache,
@@ -327,12 +392,16 @@ class Batcher:
         ids = torch.tensor([[row.last] for row in rows], device=self.device)
         positions = torch.tensor([[row.position] for row in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        # Every token fed in a step is a generated one.
-        with prepared_codebooks(self._prepared), running(self._runs(rows, 0)):
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                cache=self._cache, use_cache=True).logits[:, -1]
+        noise = self._noise(rows)
+        try:
+            # Every token fed in a step is a generated one.
+            with prepared_codebooks(self._prepared), running(self._runs(rows, 0)):
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    cache=self._cache, use_cache=True).logits[:, -1]
+        finally:
+            concurrent.futures.wait([noise])
         self._mask = mask
-        self._sample(rows, logits)
+        self._sample(rows, logits, noise)
         for request in dict.fromkeys(row.request for row in rows):
             self._publish(request)
 

@@ -38,8 +38,25 @@ class _Side:
     done: bool = False
 
 
+def draw_noise(temperatures: Sequence[float], generators: Sequence[torch.Generator],
+               vocab: int) -> torch.Tensor | None:
+    """The ``Exp(1)`` noise :func:`sample_tokens` divides by: ``[sampled rows, vocab]``, one row
+    for every row with a temperature other than 0, drawn from that row's generator (``None`` when
+    every row is greedy). Drawn apart from the sampling so that a caller can draw it while the
+    model computes the logits (:mod:`app.batching` does, in another thread): the draws do not
+    depend on the logits, and each generator gives the same numbers whenever it is asked."""
+    sampled = [i for i, t in enumerate(temperatures) if t != 0]
+    if not sampled:
+        return None
+    noise = torch.empty(len(sampled), vocab)
+    for q, i in zip(noise, sampled, strict=True):
+        q.exponential_(generator=generators[i])
+    return noise
+
+
 def sample_tokens(logits: torch.Tensor, temperatures: Sequence[float],
-                  generators: Sequence[torch.Generator]) -> list[int]:
+                  generators: Sequence[torch.Generator],
+                  noise: torch.Tensor | None = None) -> list[int]:
     """The next token of every row of ``logits`` ``[rows, vocab]``, each row with its own
     temperature (0: greedy) and random generator.
 
@@ -50,6 +67,7 @@ def sample_tokens(logits: torch.Tensor, temperatures: Sequence[float],
     this, but with each row's ``q`` drawn from that row's generator and the rest computed for all
     rows at once (one softmax, one division, one argmax over the batch: each row's arithmetic is
     the same as alone). On the CPU, so that a seed gives the same text on every device.
+    ``noise`` is :func:`draw_noise`'s for these rows when drawn beforehand (else drawn here).
     """
     logits = logits.detach().float().cpu()
     sampled = [i for i, t in enumerate(temperatures) if t != 0]
@@ -65,9 +83,11 @@ def sample_tokens(logits: torch.Tensor, temperatures: Sequence[float],
                           dim=-1)
     if not bool(((probs >= 0) & (probs < math.inf)).all()):
         raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-    noise = torch.empty_like(probs)
-    for q, i in zip(noise, sampled, strict=True):
-        q.exponential_(generator=generators[i])
+    if noise is None:
+        noise = draw_noise(temperatures, generators, probs.shape[-1])
+    if noise.shape != probs.shape:
+        raise ValueError(f"noise of shape {tuple(noise.shape)} for probabilities of shape "
+                         f"{tuple(probs.shape)}")
     for i, token in zip(sampled, probs.div_(noise).argmax(-1).tolist(), strict=True):
         tokens[i] = token
     return tokens

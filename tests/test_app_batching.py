@@ -196,8 +196,10 @@ def test_a_request_the_batch_refuses_fails_alone(model_dir):
 def test_a_batch_samples_each_row_as_torch_multinomial_samples_it_alone():
     """app.generation.sample_tokens: every row draws from its own generator what
     ``torch.multinomial`` draws for it alone (the library's generate samples one row so), whatever
-    the other rows and their temperatures; a greedy row takes no draw."""
-    from app.generation import sample_tokens
+    the other rows and their temperatures; a greedy row takes no draw. The noise drawn
+    beforehand (app.generation.draw_noise, as the batch draws it beside the forward) is the
+    same."""
+    from app.generation import draw_noise, sample_tokens
 
     logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)) * 3
     temperatures = [1.0, 0.0, 0.7, 1.3, 0.0, 1.0]
@@ -206,6 +208,9 @@ def test_a_batch_samples_each_row_as_torch_multinomial_samples_it_alone():
         step_logits = logits.roll(step, dims=1)
         gens = [torch.Generator().manual_seed(100 * step + i) for i in range(6)]
         batched.append(sample_tokens(step_logits, temperatures, gens))
+        gens = [torch.Generator().manual_seed(100 * step + i) for i in range(6)]
+        noise = draw_noise(temperatures, gens, 500)
+        assert sample_tokens(step_logits, temperatures, gens, noise) == batched[-1]
         gens = [torch.Generator().manual_seed(100 * step + i) for i in range(6)]
         alone.append([
             int(row.argmax()) if t == 0 else
