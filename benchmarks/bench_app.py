@@ -9,7 +9,8 @@ a free loopback port) and measures, through ``gradio_client``:
   as the Steer tab does (``--max-tokens`` per side), and both sides' tokens per second.
 * together (``--clients N``, in the same app run): one client's steered generation of
   ``--together-tokens`` tokens a side, then N clients at once (each its own seed, connected
-  before any starts), wall clock from the first submit to the last result; the ratio of the two
+  before any starts, each with its session open, see :func:`open_sessions`), wall clock from
+  the first submit to the last result; the ratio of the two
   is what sharing one batched forward per step (``app/batching.py``) buys (goal: at most 3x for
   16 clients). The app process's CPU time over each of the two is printed too (on a shared
   machine it depends less on the load). These clients wait for their results without reading
@@ -103,6 +104,23 @@ def first_preset(model: str) -> tuple[str, dict]:
                         "positions": "all"}
 
 
+def open_sessions(clients: list, preset: str) -> None:
+    """Open each client's session as a visitor's page does when it loads, before any Generate:
+    Gradio builds a session's state (a config for each of the app's blocks, 10-20 ms of the
+    server's event loop) at the session's first request, which for a page is its load event
+    (the app's ``demo.load``) and for a fresh ``gradio_client`` client would be its first
+    generation, charging every client of the together measure a page load. Here the first
+    request is ``/topic`` (the preset's codes: cheap, and what a page's topic chip asks; a
+    model without presets refuses the name, and the session is open all the same)."""
+    from gradio_client.exceptions import AppError
+
+    for client in clients:
+        try:
+            client.predict(preset, api_name="/topic")
+        except AppError:
+            pass
+
+
 def submit(client, steering: dict, max_tokens: int, seed: int):
     """Start one steered generation; its ``gradio_client`` job."""
     return client.submit(PROMPT, steering["codes"], steering["strength"], steering["mode"],
@@ -122,10 +140,11 @@ def generate(client, steering: dict, max_tokens: int, seed: int) -> tuple[float,
     return first, time.perf_counter() - began, result
 
 
-def together(url: str, pid: int, steering: dict, clients: int, max_tokens: int,
+def together(url: str, pid: int, preset: str, steering: dict, clients: int, max_tokens: int,
              seed: int) -> tuple[float, float]:
     """``(seconds, CPU seconds of the app process)`` for ``clients`` clients generating at once,
-    from the first submit to the last result (each client connected beforehand).
+    from the first submit to the last result (each client connected, its session open,
+    beforehand).
 
     The app streams its updates to every client as usual, but the clients wait for the result
     without iterating over the job: ``gradio_client``'s iterator polls its job every millisecond
@@ -133,6 +152,7 @@ def together(url: str, pid: int, steering: dict, clients: int, max_tokens: int,
     browsers would not be (16 polling clients took 0.85-1.06 s of CPU time for 16 x 40 tokens,
     waiting ones 0.46-0.68 s, the app 1.6-2.2 s)."""
     connected = [client_of(url) for _ in range(clients)]
+    open_sessions(connected, preset)
     cpu = cpu_seconds(pid)
     began = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -172,7 +192,7 @@ def main() -> int:
             if args.clients:
                 for walls, cpus, clients in ((single, single_cpu, 1),
                                              (crowd, crowd_cpu, args.clients)):
-                    wall, used = together(url, proc.pid, steering, clients,
+                    wall, used = together(url, proc.pid, preset, steering, clients,
                                           args.together_tokens, 100 * run)
                     walls.append(wall)
                     cpus.append(used)
