@@ -913,3 +913,33 @@ def test_the_steering_set_takes_blocked_codes(loaded):
     assert [str(c) for c in shared.block] == ["0:attn_heads:0:3"]
     with pytest.raises(InputError, match="no codes, forced or blocked"):
         inputs.steering_json(loaded, json.dumps({"codes": []}))
+
+
+def test_a_generations_outputs_are_postprocessed_as_gradio_postprocesses_them():
+    """app.tabs.steer.postprocessed (the generation's events run with postprocess=False): every
+    output value is what the component's own postprocess gives Gradio to send, updates and State
+    values pass as they are, and the wrapped handler is still a generator function (Gradio
+    streams it)."""
+    import inspect
+
+    import gradio as gr
+
+    from app.tabs import steer
+
+    outputs = [gr.HTML(), gr.Number(precision=0), gr.Markdown(), gr.JSON(), gr.State()]
+    state = {"tokens": [[1, 2], [3]]}
+    updates = [["<b>a</b>", 7.0, "  **Seed** 7  ", {"texts": ("x", "y"), "n": 2}, state],
+               [gr.skip(), gr.skip(), "**Cannot do that**: no", gr.skip(), gr.skip()]]
+
+    def handler():
+        yield from updates
+
+    wrapped = steer.postprocessed(handler, outputs)
+    assert inspect.isgeneratorfunction(wrapped)
+    first, second = list(wrapped())
+    # (Markdown's postprocess is inspect.cleandoc: the first line's leading white space goes.)
+    # (JSON's is a pydantic model, which Gradio sends as its dump.)
+    first[3] = first[3].model_dump()
+    assert first == ["<b>a</b>", 7, "**Seed** 7  ", {"texts": ["x", "y"], "n": 2}, state]
+    assert isinstance(first[1], int) and first[4] is state
+    assert second == [gr.skip(), gr.skip(), "**Cannot do that**: no", gr.skip(), gr.skip()]
