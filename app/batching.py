@@ -6,10 +6,11 @@ generation (a prompt, a seed, a temperature, a token budget and one steering or 
 batch row per side (unsteered and steered; one row when there is no steering). Between steps the
 worker lets rows join and leave:
 
-* a new generation runs its prompt through the model alone (its own rows only, so what it gets
-  does not depend on who else is writing), samples its first tokens, and its KV cache is merged
-  into the running batch's, left-padded to a common length (an attention mask hides the padding,
-  explicit position ids give each row its own positions);
+* new generations run their prompts through the model (those that arrived since the last step
+  and have prompts of one length in one forward; the running batch's rows are not in it), sample
+  their first tokens, and their KV caches are merged into the running batch's, left-padded to a
+  common length (an attention mask hides the padding, explicit position ids give each row its
+  own positions);
 * a side that wrote an end-of-story token or its last token leaves at once, and so does a
   generation whose visitor stopped it (or went away): its stream is closed;
 * every step then feeds each row its last token, each row steered by its own steering (per-row
@@ -17,11 +18,12 @@ worker lets rows join and leave:
   temperature and random generator, seeded as when writing alone.
 
 A visitor's stories are the same whether they write alone or among many, up to float rounding:
-the prompt runs with the generation's own rows only, every row keeps its own random generator, and
-the batched steps differ from a lone visitor's only in the order the arithmetic adds up (about
-1e-6 of a logit in float32), which changes a sampled token or a code's top-k choice only when two
-candidates tie that closely. :data:`DTYPE` set to ``torch.float64`` makes that practically never
-(the batch then runs a float64 copy of the model), at several times the cost per step on a CPU.
+every row keeps its own random generator, and the batched prompts and steps differ from a lone
+visitor's only in the order the arithmetic adds up (about 1e-6 of a logit in float32; each row's
+attention sees its own tokens only), which changes a sampled token or a code's top-k choice only
+when two candidates tie that closely. :data:`DTYPE` set to ``torch.float64`` makes that
+practically never (the batch then runs a float64 copy of the model), at several times the cost
+per step on a CPU.
 Sampling is :mod:`app.generation`'s (:func:`~app.generation.sample_tokens`): pure sampling at
 the temperature (greedy at 0), on the CPU, each row drawing from its own generator what it would
 draw alone, the rest of the arithmetic done for all rows at once; each row's noise is drawn in
@@ -237,15 +239,7 @@ class Batcher:
                         return
                 joining, self._pending = self._pending, []
             try:
-                for request in joining:
-                    if request.cancelled.is_set():
-                        continue
-                    try:
-                        self._join(request)
-                    except Exception as err:  # this request's own problem: the batch goes on
-                        log.warning("a generation could not start: %s: %s",
-                                    type(err).__name__, err)
-                        self._end(request, err)
+                self._join_all([r for r in joining if not r.cancelled.is_set()])
                 self._leave()
                 self._generations = len(dict.fromkeys(row.request for row in self._rows))
                 if self._rows:
@@ -312,31 +306,63 @@ class Batcher:
         if all(row.done for row in request.rows):
             self._end(request)
 
+    def _join_all(self, requests: list[_Request]) -> None:
+        """Join ``requests``, those with prompts of one length together (:meth:`_join`). When a
+        group fails, its requests join again one by one, so that only a request at fault fails
+        (with its error); the others start afresh, with fresh generators."""
+        groups: dict[int, list[_Request]] = {}
+        for request in requests:
+            groups.setdefault(len(request.prompt_ids), []).append(request)
+        for group in groups.values():
+            try:
+                self._join(group)
+                continue
+            except Exception as err:  # noqa: BLE001 (told below, or found again alone)
+                if len(group) == 1:
+                    self._refuse(group[0], err)
+                    continue
+            for request in group:
+                try:
+                    self._join([request])
+                except Exception as err:  # this request's own problem: the batch goes on
+                    self._refuse(request, err)
+
+    def _refuse(self, request: _Request, err: Exception) -> None:
+        log.warning("a generation could not start: %s: %s", type(err).__name__, err)
+        self._end(request, err)
+
     @torch.no_grad()
-    def _join(self, request: _Request) -> None:
-        """Run ``request``'s prompt (its rows alone), sample its first tokens, and merge the rows
-        still writing into the batch."""
-        if request.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
-        if not request.prompt_ids:
-            raise ValueError("the prompt has no tokens")
-        length = len(request.prompt_ids)
-        request.rows = [_Row(request, self._sites(s), torch.Generator().manual_seed(request.seed),
-                             position=length - 1) for s in request.steerings]
-        ids = torch.tensor([request.prompt_ids] * len(request.rows), device=self.device)
+    def _join(self, requests: list[_Request]) -> None:
+        """Run the prompts of ``requests`` (all of one length; their rows only, in one forward),
+        sample their first tokens, and merge the rows still writing into the batch."""
+        length = len(requests[0].prompt_ids)
+        for request in requests:
+            if request.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be at least 1, got "
+                                 f"{request.max_new_tokens}")
+            if not request.prompt_ids:
+                raise ValueError("the prompt has no tokens")
+            if len(request.prompt_ids) != length:
+                raise ValueError("prompts of different lengths cannot join together")
+            request.rows = [_Row(request, self._sites(s),
+                                 torch.Generator().manual_seed(request.seed),
+                                 position=length - 1) for s in request.steerings]
+        rows = [row for request in requests for row in request.rows]
+        ids = torch.tensor([row.request.prompt_ids for row in rows], device=self.device)
         cache = _roomy_cache(self.model.config)
-        noise = self._noise(request.rows)
+        noise = self._noise(rows)
         try:
-            with prepared_codebooks(self._prepared), running(self._runs(request.rows, length)):
+            with prepared_codebooks(self._prepared), running(self._runs(rows, length)):
                 logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
         finally:
             concurrent.futures.wait([noise])  # the generators are free again
-        self._sample(request.rows, logits, noise)
-        keep = [i for i, row in enumerate(request.rows) if not row.done]
+        self._sample(rows, logits, noise)
+        keep = [i for i, row in enumerate(rows) if not row.done]
         if keep:
-            self._merge([request.rows[i] for i in keep], cache,
-                        torch.tensor(keep, device=self.device), length)
-        self._publish(request)
+            self._merge([rows[i] for i in keep], cache, torch.tensor(keep, device=self.device),
+                        length)
+        for request in requests:
+            self._publish(request)
 
     def _merge(self, rows: list[_Row], cache: DynamicCache, index: torch.Tensor,
                length: int) -> None:
