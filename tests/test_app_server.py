@@ -808,6 +808,21 @@ def test_topic_chips_toggle_look_selected_and_clear_unselects_them(app, dragon, 
     expect(chip).not_to_have_class(selected)
 
 
+def paste_steering_json(page, text: str) -> None:
+    """Type ``text`` into the (open) steering JSON box and wait until it stays there: on the
+    loaded 2-core CI machine the box's own sync of the steering set (one of the page's first
+    events) once arrived after the paste and wrote the empty set over it, so Apply read that."""
+    from playwright.sync_api import expect
+
+    box = page.locator("#steering-json textarea")
+    for _ in range(10):
+        box.fill(text)
+        page.wait_for_timeout(500)
+        if box.input_value() == text:
+            break
+    expect(box).to_have_value(text)
+
+
 BADGE = '[data-testid="status-tracker"] .error'  # Gradio's red "Error" badge over a component
 
 
@@ -837,7 +852,7 @@ def test_failed_actions_are_told_in_status_lines_with_no_error_badge_over_contro
     expect(page.locator("#steering-codes input")).to_be_visible()
 
     page.get_by_text("Share: the steering set as JSON").click()
-    page.locator("#steering-json textarea").fill('{"codes": ["9:attn_heads:0:1"]}')
+    paste_steering_json(page, '{"codes": ["9:attn_heads:0:1"]}')
     page.get_by_role("button", name="Apply pasted JSON").click()
     expect(page.get_by_text(re.compile(r"Cannot do that: .*no codebook at layer 9"))
            ).to_be_visible(timeout=30_000)
@@ -894,7 +909,7 @@ def test_the_layout_shows_a_topics_codes_whole_headers_a_short_model_tab_and_one
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(app[0])
     page.get_by_text("Share: the steering set as JSON").click()
-    page.locator("#steering-json textarea").fill(json.dumps({"codes": codes}))
+    paste_steering_json(page, json.dumps({"codes": codes}))
     page.get_by_role("button", name="Apply pasted JSON").click()
     chips = page.locator("#steering-codes .token")
     expect(chips).to_have_count(len(codes), timeout=30_000)
