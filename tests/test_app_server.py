@@ -692,16 +692,10 @@ def test_a_visitor_steers_a_story_and_downloads_an_export(app, tmp_path, browser
     from playwright.sync_api import expect
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1280, "height": 900},
-                            accept_downloads=True)
-    page.goto(app[0])
-    page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
-    page.get_by_role("button", name="dragon", exact=True).click()
-    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    page = dragon_page(browser, app[0], accept_downloads=True)
     # A fixed seed: with a fresh random one, a story on this tiny model sometimes ends
     # after a few tokens, the same with and without steering.
-    page.get_by_text("Sampling", exact=True).click()
-    page.get_by_label("New random seed each time").uncheck()
+    fix_seed(page)
     page.get_by_role("button", name="Generate", exact=True).click()
     expect(page.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
     expect(page.get_by_text("Seed 0,")).to_be_visible()
@@ -806,6 +800,24 @@ def test_topic_chips_toggle_look_selected_and_clear_unselects_them(app, dragon, 
     expect(page.get_by_text("Steering cleared")).to_be_visible(timeout=30_000)
     expect(chips).to_have_count(0)
     expect(chip).not_to_have_class(selected)
+
+
+def dragon_page(browser, url: str, **options):
+    """A new page of the app at ``url`` with the test prompt typed and the dragon chip on."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, **options)
+    page.goto(url)
+    page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
+    page.get_by_role("button", name="dragon", exact=True).click()
+    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    return page
+
+
+def fix_seed(page) -> None:
+    """Keep the seed box's seed (a fresh random one may end a tiny model's story at once)."""
+    page.get_by_text("Sampling", exact=True).click()
+    page.get_by_label("New random seed each time").uncheck()
 
 
 def paste_steering_json(page, text: str) -> None:
@@ -954,8 +966,7 @@ def test_codes_show_their_labels_in_chips_tables_and_the_token_view(app, dragon,
     assert [h.strip() for h in header[:2]] == ["code", "promotes"], header
     assert cells.nth(1).inner_text().strip()
     # The token view: each code number with its label.
-    page.get_by_text("Sampling", exact=True).click()
-    page.get_by_label("New random seed each time").uncheck()
+    fix_seed(page)
     page.get_by_role("button", name="Generate", exact=True).click()
     expect(page.get_by_text("Topic words:")).to_be_visible(timeout=60_000)
     page.get_by_role("button", name="Codes of this story →").nth(1).click()
@@ -975,11 +986,7 @@ def test_a_share_link_opens_the_same_pair_of_stories_in_a_fresh_page(app, browse
     from playwright.sync_api import expect
 
     finished = re.compile(r"Seed \d+, temperature .*: \d+ and \d+ new tokens\.")
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(app[0])
-    page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
-    page.get_by_role("button", name="dragon", exact=True).click()
-    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    page = dragon_page(browser, app[0])
     page.get_by_label("Strength", exact=True).fill("3.5")
     page.get_by_label("Strength", exact=True).press("Enter")
     # A fresh random seed (the link carries the one used), sampling at 0.8.
@@ -1033,8 +1040,7 @@ def test_a_visitor_blocks_codes_and_the_steered_story_changes(app, browser):
     page.get_by_text("Share: the steering set as JSON").click()
     expect(page.locator("#steering-json textarea")).to_have_value(
         re.compile(r'"block": \["0:attn_heads:0:0"'), timeout=10_000)
-    page.get_by_text("Sampling", exact=True).click()
-    page.get_by_label("New random seed each time").uncheck()
+    fix_seed(page)
     page.get_by_role("button", name="Generate", exact=True).click()
     expect(page.get_by_text(re.compile(r"Seed 0, .*new tokens\."))
            ).to_be_visible(timeout=60_000)
@@ -1053,11 +1059,7 @@ def test_a_visitor_gives_codes_a_strength_of_their_own_and_the_share_link_keeps_
     from playwright.sync_api import expect
 
     finished = re.compile(r"Seed 0, temperature .*: \d+ and \d+ new tokens\.")
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(app[0])
-    page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
-    page.get_by_role("button", name="dragon", exact=True).click()
-    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    page = dragon_page(browser, app[0])
     box = page.locator("#code-strengths textarea")
     for bad, problem in (("9:attn_heads:0:1=2", "no codebook at layer 9"),
                          (f"{dragon[0]}=12", "must be between -10 and 10, got 12")):
@@ -1074,8 +1076,7 @@ def test_a_visitor_gives_codes_a_strength_of_their_own_and_the_share_link_keeps_
     expect(page.locator("#steering-json textarea")).to_have_value(
         re.compile(r'"code_strengths": \{"' + re.escape(dragon[0]) + r'": -4\.0, "'),
         timeout=10_000)
-    page.get_by_text("Sampling", exact=True).click()
-    page.get_by_label("New random seed each time").uncheck()
+    fix_seed(page)
     page.get_by_role("button", name="Generate", exact=True).click()
     expect(page.get_by_text(finished)).to_be_visible(timeout=60_000)
     stories = [page.locator(".story-text").nth(i).inner_text() for i in range(2)]
@@ -1117,14 +1118,9 @@ def slow_app(model_dir, tmp_path_factory):
 def test_a_visitor_stops_a_generation_and_keeps_the_partial_stories(slow_app, browser):
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(slow_app[0])
-    page.get_by_label("Prompt: the beginning of a story").fill(PROMPT)
-    page.get_by_role("button", name="dragon", exact=True).click()
-    expect(page.get_by_text("Steering toward dragon")).to_be_visible(timeout=30_000)
+    page = dragon_page(browser, slow_app[0])
     # A fixed seed: with a fresh random one a story may end early, the pair with it.
-    page.get_by_text("Sampling", exact=True).click()
-    page.get_by_label("New random seed each time").uncheck()
+    fix_seed(page)
     generate = page.get_by_role("button", name="Generate", exact=True)
     stop = page.get_by_role("button", name="Stop", exact=True)
     expect(stop).to_be_hidden()
