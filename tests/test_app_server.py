@@ -820,13 +820,12 @@ def fix_seed(page) -> None:
     page.get_by_label("New random seed each time").uncheck()
 
 
-def paste_steering_json(page, text: str) -> None:
-    """Type ``text`` into the (open) steering JSON box and wait until it stays there: on the
-    loaded 2-core CI machine the box's own sync of the steering set (one of the page's first
-    events) once arrived after the paste and wrote the empty set over it, so Apply read that."""
+def fill_until_it_stays(page, box, text: str) -> None:
+    """Type ``text`` into ``box`` and wait until it stays there: on the loaded 2-core CI machine
+    an update from an earlier event (the steering JSON box's sync of the set; a chip's per-code
+    strengths) arrived after the typing and wrote over it, so the next action read that."""
     from playwright.sync_api import expect
 
-    box = page.locator("#steering-json textarea")
     for _ in range(10):
         box.fill(text)
         page.wait_for_timeout(500)
@@ -864,7 +863,8 @@ def test_failed_actions_are_told_in_status_lines_with_no_error_badge_over_contro
     expect(page.locator("#steering-codes input")).to_be_visible()
 
     page.get_by_text("Share: the steering set as JSON").click()
-    paste_steering_json(page, '{"codes": ["9:attn_heads:0:1"]}')
+    fill_until_it_stays(page, page.locator("#steering-json textarea"),
+                        '{"codes": ["9:attn_heads:0:1"]}')
     page.get_by_role("button", name="Apply pasted JSON").click()
     expect(page.get_by_text(re.compile(r"Cannot do that: .*no codebook at layer 9"))
            ).to_be_visible(timeout=30_000)
@@ -921,7 +921,7 @@ def test_the_layout_shows_a_topics_codes_whole_headers_a_short_model_tab_and_one
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(app[0])
     page.get_by_text("Share: the steering set as JSON").click()
-    paste_steering_json(page, json.dumps({"codes": codes}))
+    fill_until_it_stays(page, page.locator("#steering-json textarea"), json.dumps({"codes": codes}))
     page.get_by_role("button", name="Apply pasted JSON").click()
     chips = page.locator("#steering-codes .token")
     expect(chips).to_have_count(len(codes), timeout=30_000)
@@ -1063,7 +1063,7 @@ def test_a_visitor_gives_codes_a_strength_of_their_own_and_the_share_link_keeps_
     box = page.locator("#code-strengths textarea")
     for bad, problem in (("9:attn_heads:0:1=2", "no codebook at layer 9"),
                          (f"{dragon[0]}=12", "must be between -10 and 10, got 12")):
-        box.fill(bad)  # refused where it is typed, the box as it was
+        fill_until_it_stays(page, box, bad)  # refused where it is typed, the box as it was
         box.press("Enter")
         expect(page.get_by_text(re.compile(f"Not changed.*{problem}")).first
                ).to_be_visible(timeout=30_000)
