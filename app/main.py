@@ -66,12 +66,13 @@ def main() -> int:
               f"{err}", file=sys.stderr)
         return 2
     from app.style import CSS, THEME
+    from app.tabs.steer import FOCUS_SCRIPT
     from app.ui import build_demo
 
     demo = build_demo(registry, settings, workdir)
     demo.queue(default_concurrency_limit=2, max_size=settings.queue_size)
-    _, url, _ = demo.launch(prevent_thread_lock=True, theme=THEME, css=CSS, allowed_paths=[],
-                            show_error=False)
+    _, url, _ = demo.launch(prevent_thread_lock=True, theme=THEME, css=CSS, head=FOCUS_SCRIPT,
+                            allowed_paths=[], show_error=False)
     gc.freeze()
     gc.enable()
     print(f"{READY} {url}", flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import threading
 import time
@@ -141,6 +142,46 @@ LINK_JS = """(query) => {
   history.replaceState(null, "", location.pathname + "?" + query);
   return location.href;
 }"""
+
+
+# Some updates of a text box are not answers to the visitor acting on that box: the steering
+# JSON's sync of the set, a topic chip's or a removed code's per-code strengths. On a busy
+# server they can arrive after the visitor has started typing there, and would write over the
+# typing. They go through a hidden twin (``typing_guard``) whose value is ``[n, text]`` (``n``
+# new each time, so an update equal to the last still arrives). In the page, while the box has
+# the focus and its text changed since it took the focus (or since the last update written
+# while it had it), the visitor's text stays; one only reading or copying the box gets the
+# update. FOCUS_SCRIPT (in the page's head, so it is there before any focus) notes the text a
+# box had when it took the focus.
+FOCUS_SCRIPT = """<script>
+document.addEventListener("focusin", (event) => {
+  if (event.target instanceof HTMLTextAreaElement) event.target.dataset.untouched =
+    event.target.value;
+}, true);
+</script>"""
+TYPING_GUARD_JS = """(update) => {
+  const box = document.querySelector("#%s textarea");
+  const text = JSON.parse(update)[1];
+  if (!box || document.activeElement !== box) return text;
+  if (box.value !== box.dataset.untouched) return box.value;
+  box.dataset.untouched = text;
+  return text;
+}"""
+_guarded_updates = itertools.count()
+
+
+def typing_guard(box: gr.Textbox) -> gr.Textbox:
+    """A hidden twin of ``box``: write :func:`guarded` text to it and the text reaches ``box``
+    unless the visitor is typing there (:data:`TYPING_GUARD_JS`)."""
+    twin = gr.Textbox(visible=False)
+    twin.change(None, twin, box, js=TYPING_GUARD_JS % box.elem_id, api_visibility="private",
+                show_progress="hidden")
+    return twin
+
+
+def guarded(text):
+    """``text`` for a :func:`typing_guard` twin (``gr.skip()`` passes through)."""
+    return text if not isinstance(text, str) else json.dumps([next(_guarded_updates), text])
 
 
 @dataclasses.dataclass
@@ -555,12 +596,14 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                      f"separated, each from {low:g} to {high:g}; the other codes have the "
                      "strength above. Press Enter to set it")
             code_strengths.api_info = strengths_api_info
+            strengths_update = typing_guard(code_strengths)  # for chips and removed codes
             mode = gr.Radio(MODE_CHOICES, value="add", label="Mode")
             positions = gr.Radio(POSITION_CHOICES, value="all", label="Steer at")
             with gr.Accordion("Share: the steering set as JSON", open=False):
                 json_box = gr.Textbox(steering_json([], 1.0, "add", "all"), show_label=False,
                                       lines=3, buttons=["copy"], elem_id="steering-json",
                                       info="Copy it, or paste one and press Apply")
+                json_sync = typing_guard(json_box)
                 apply_json = gr.Button("Apply pasted JSON", size="sm")
         with gr.Column(scale=1):
             gr.Markdown("### Find codes for any topic")
@@ -598,10 +641,11 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         done = toggled(loaded, topic, selected_now, codes_now, strengths_now)
         settings = ([done.steering.strength, done.steering.mode, done.steering.positions]
                     if done.steering is not None else [gr.skip()] * 3)
-        return [chips(done.codes), *settings, done.regex, done.note, done.strengths,
+        return [chips(done.codes), *settings, done.regex, done.note, guarded(done.strengths),
                 done.selected, *topic_buttons(loaded, done.selected)]
 
-    topic_outputs = [*preset_outputs, selected, *buttons]
+    # A chip's strengths come late on a busy server: they do not write over typing.
+    topic_outputs = [*preset_outputs[:-1], strengths_update, selected, *buttons]
     for button in buttons:
         button.click(reported(click_topic, len(topic_outputs), preset_outputs.index(status)),
                      [button, selected, codes, ctx.model_state, code_strengths], topic_outputs,
@@ -770,8 +814,8 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
 
     set_parts = [codes, strength, mode, positions, blocked, code_strengths]
     for part in set_parts:
-        part.change(synced_json, set_parts, json_box, api_visibility="private", preprocess=False,
-                    show_progress="hidden")
+        part.change(lambda *set_now: guarded(synced_json(*set_now)), set_parts, json_sync,
+                    api_visibility="private", preprocess=False, show_progress="hidden")
 
     def check_codes(codes_now, model_name: str, strengths_now):
         """Take off the chips generation would refuse (a typed code the model does not have,
@@ -787,13 +831,13 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
         box = gr.update(choices=[(labelled(code, labels), code) for code in kept],
                         **({} if kept == codes_now else {"value": kept}))
         strengths = strengths_kept(strengths_now, kept)
-        strengths = gr.skip() if strengths is None else strengths
+        strengths = gr.skip() if strengths is None else guarded(strengths)
         if problem is None:
             return box, gr.skip(), strengths
         return box, f"**Not added**: {warn(problem)}", strengths
 
     codes.change(check_codes, [codes, ctx.model_state, code_strengths],
-                 [codes, status, code_strengths], preprocess=False, api_visibility="private",
+                 [codes, status, strengths_update], preprocess=False, api_visibility="private",
                  show_progress="hidden")
 
     def check_blocked(blocked_now, model_name: str):
