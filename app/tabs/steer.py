@@ -645,7 +645,8 @@ def build(ctx: AppContext, start: LoadedModel) -> SteerTab:
                 done.selected, *topic_buttons(loaded, done.selected)]
 
     # A chip's strengths come late on a busy server: they do not write over typing.
-    topic_outputs = [*preset_outputs[:-1], strengths_update, selected, *buttons]
+    topic_outputs = [strengths_update if output is code_strengths else output
+                     for output in preset_outputs] + [selected, *buttons]
     for button in buttons:
         button.click(reported(click_topic, len(topic_outputs), preset_outputs.index(status)),
                      [button, selected, codes, ctx.model_state, code_strengths], topic_outputs,
